@@ -1,0 +1,123 @@
+"""Choice of implementation for the fused operations.
+
+Every op takes ``backend=`` with one of :data:`BACKENDS`. ``"auto"`` picks the
+fastest implementation that can run on the tensor's device; the environment
+variable ``DISTPROP_BACKEND`` replaces ``"auto"`` for a whole run. A request for
+a backend that is not available raises :class:`BackendUnavailableError` naming
+what is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+ENV_VAR = "DISTPROP_BACKEND"
+
+log = logging.getLogger("distprop_fast")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run on this machine or this device."""
+
+
+@functools.cache
+def extension():
+    """Return the compiled extension module ``distprop_fast._C``, or ``None``.
+
+    A missing extension is logged once; the reference path then runs.
+    """
+    try:
+        from distprop_fast import _C  # noqa: F401
+    except ImportError as err:
+        log.info("distprop_fast._C is not built (%s); fused C++/CUDA ops are off", err)
+        return None
+    return _C
+
+
+def extension_has(op_name: str, dispatch_key: str) -> bool:
+    """Return whether the extension registered ``op_name`` for ``dispatch_key``."""
+    if extension() is None:
+        return False
+    qualified = f"distprop_fast_C::{op_name}"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, dispatch_key)
+    except RuntimeError:
+        return False
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Return whether Triton imports; it runs on CPU tensors only under TRITON_INTERPRET=1."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(requested: str | None, device: torch.device, op_name: str) -> str:
+    """Map a requested backend to the one that will run ``op_name`` on ``device``.
+
+    Raises:
+        ValueError: ``requested`` is not one of :data:`BACKENDS`.
+        BackendUnavailableError: the backend is not built or cannot run on ``device``.
+    """
+    if requested is None or requested == "auto":
+        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+    if requested not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {BACKENDS}, got {requested!r} "
+            f"(check the argument and the {ENV_VAR} environment variable)"
+        )
+    if requested == "reference":
+        return "reference"
+    if requested == "auto":
+        if device.type == "cuda" and extension_has(op_name, "CUDA"):
+            return "cuda"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and extension_has(op_name, "CPU"):
+            return "cpu"
+        return "reference"
+    if requested == "cpu":
+        if device.type != "cpu":
+            raise BackendUnavailableError(
+                f"backend='cpu' runs on CPU tensors, got a tensor on {device}; "
+                "move the tensors to the CPU or pick backend='cuda'/'triton'"
+            )
+        if not extension_has(op_name, "CPU"):
+            raise BackendUnavailableError(
+                f"backend='cpu' needs the C++ extension with op {op_name!r}; rebuild with "
+                "`pip install --no-build-isolation -e .` (and without DISTPROP_NO_EXTENSION=1)"
+            )
+        return "cpu"
+    if requested == "cuda":
+        if device.type != "cuda":
+            raise BackendUnavailableError(
+                f"backend='cuda' runs on CUDA tensors, got a tensor on {device}"
+            )
+        if not extension_has(op_name, "CUDA"):
+            raise BackendUnavailableError(
+                f"backend='cuda' needs the extension built with nvcc and op {op_name!r}; "
+                "set CUDA_HOME to the toolkit root and reinstall"
+            )
+        return "cuda"
+    # requested == "triton"
+    if not triton_available():
+        raise BackendUnavailableError("backend='triton' needs the triton package: pip install triton")
+    if not triton_runs_on(device):
+        raise BackendUnavailableError(
+            f"backend='triton' needs a CUDA tensor, got one on {device}; on CPU, set "
+            "TRITON_INTERPRET=1 before triton is first imported to use the interpreter"
+        )
+    return "triton"
