@@ -1,0 +1,3 @@
+from distprop_fast.cli import main
+
+raise SystemExit(main())

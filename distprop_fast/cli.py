@@ -1,0 +1,72 @@
+"""Command line: ``distprop-train`` (also ``python -m distprop_fast``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distprop_fast.data import DATA_ENV_VAR, DATASETS, DatasetNotFoundError
+from distprop_fast.formulations.distprop import GAUSSIAN_INITS, NOISE_MODES
+from distprop_fast.formulations.extraprop import SHRINKS
+from distprop_fast.models import NETWORKS
+from distprop_fast.ops import BACKENDS, BackendUnavailableError
+from distprop_fast.solvers import SOLVERS, STEP_RULES, NonFiniteError
+from distprop_fast.train import METHODS, TrainConfig, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distprop-train",
+        description="Train a network as a constrained problem (ExtraProp, DistProp) or with "
+        "backprop, and print a one-line JSON summary. Options left unset take the "
+        "method's defaults (see README).",
+    )
+    p.add_argument("--method", choices=METHODS, default="distprop", help="formulation and solver preset")
+    p.add_argument("--dataset", choices=DATASETS, default="digits5k",
+                   help="data set; digits5k is the embedded default (default: %(default)s)")
+    p.add_argument("--network", choices=NETWORKS, default=None,
+                   help="network and split (default: mnist-two-block, lenet for cifar10)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"torchvision-layout data root (default: ${DATA_ENV_VAR}, then ./data)")
+    p.add_argument("--download", action="store_true", help="download the data set if missing")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per step (default: %(default)s)")
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="saddle-point solver")
+    p.add_argument("--lr-weights", type=float, default=None, help="step size of the network weights")
+    p.add_argument("--lr-states", type=float, default=None,
+                   help="step size of the states (ExtraProp) or Gaussians (DistProp)")
+    p.add_argument("--lr-multipliers", type=float, default=None, help="step size of the multipliers")
+    p.add_argument("--weight-rule", choices=STEP_RULES, default=None, help="step rule of the weights")
+    p.add_argument("--state-rule", choices=STEP_RULES, default=None, help="step rule of states/Gaussians")
+    p.add_argument("--multiplier-rule", choices=STEP_RULES, default=None, help="step rule of multipliers")
+    p.add_argument("--margin", type=float, default=None, help="margin eps of the shrunk constraints")
+    p.add_argument("--shrink", choices=SHRINKS, default=None, help="shrinkage of ExtraProp defects")
+    p.add_argument("--samples-per-class", type=int, default=None, help="DistProp samples per class N")
+    p.add_argument("--noise", choices=NOISE_MODES, default=None,
+                   help="DistProp noise: drawn once (fixed) or every step (redraw)")
+    p.add_argument("--gaussian-init", choices=GAUSSIAN_INITS, default="sphere",
+                   help="DistProp Gaussian initialisation (default: %(default)s)")
+    p.add_argument("--multiplier-dtype", choices=("float32", "float16", "bfloat16"),
+                   default="float32", help="storage of the multiplier tables")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="implementation of the fused ops")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")
+    p.add_argument("--output-dir", default=None,
+                   help="directory for config.json, metrics.jsonl and summary.json")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fields = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    try:
+        summary = train(TrainConfig(**fields), progress=not args.no_progress)
+    except (DatasetNotFoundError, BackendUnavailableError, NonFiniteError, ValueError) as err:
+        print(f"distprop-train: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,167 @@
+"""DistProp: per-class Gaussians at every cut in place of per-example states."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distprop_fast import ops
+from distprop_fast.formulations.base import Formulation, SparseTable, Terms, zeros_table
+from distprop_fast.models import Chain
+
+NOISE_MODES = ("fixed", "redraw")
+GAUSSIAN_INITS = ("sphere", "linear")
+# softplus^{-1}(1) = log(e - 1), so that sigma starts at 1.
+_UNIT_SIGMA = math.log(math.e - 1.0)
+
+
+class DistProp(Formulation):
+    """The distributional formulation.
+
+    Cut ``l`` has per-class Gaussians ``mu_l(c) = W_mu[c]`` and
+    ``sigma_l(c) = softplus(W_sigma[c])``. The first cut constrains real data:
+    ``g_i = hardshrink((f_1(x_i) - mu_1(y_i)) / sigma_1(y_i), margin)`` with one
+    multiplier row per example in a sparse ``(|D|, d_1)`` table. Later cuts
+    constrain synthetic samples ``S_{l-1}[n, c] = mu(c) + E[n, c] * sigma(c)``
+    with dense ``(N * M, d_l)`` multipliers, and the loss is the cross-entropy of
+    the last block on the last cut's samples.
+
+    Args:
+        network: a chain whose cuts end in a linear map.
+        num_examples: ``|D|``.
+        num_classes: ``M``.
+        margin: the margin ``eps`` on z-scores.
+        samples_per_class: ``N``.
+        noise: ``"fixed"`` draws ``E`` once; ``"redraw"`` draws it every step.
+        gaussian_init: ``"sphere"`` (unit-norm means, ``sigma = 1``) or
+            ``"linear"`` (``nn.Linear``'s default initialisation for both).
+        multiplier_dtype: storage of the first cut's multiplier table.
+        backend: implementation of the fused ops (see :mod:`distprop_fast.ops`).
+        generator: random source for the initialisation and the noise.
+    """
+
+    name = "distprop"
+
+    def __init__(
+        self,
+        network: Chain,
+        num_examples: int,
+        num_classes: int,
+        margin: float = 0.3967,
+        samples_per_class: int = 1,
+        noise: str = "fixed",
+        gaussian_init: str = "sphere",
+        multiplier_dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        if gaussian_init not in GAUSSIAN_INITS:
+            raise ValueError(f"gaussian_init must be one of {GAUSSIAN_INITS}, got {gaussian_init!r}")
+        if samples_per_class < 1:
+            raise ValueError(f"samples_per_class must be at least 1, got {samples_per_class}")
+        if margin < 0:
+            raise ValueError(f"margin must be non-negative, got {margin}")
+        for l, block in enumerate(network.blocks[:-1]):
+            if block.activation is not None:
+                raise ValueError(
+                    f"block {l + 1} of {network.name!r} ends in {block.activation}; DistProp "
+                    "needs linear cuts, so build the network with cut_activation=False"
+                )
+        self.network = network
+        self.num_classes = num_classes
+        self.num_examples = num_examples
+        self.margin = float(margin)
+        self.samples_per_class = samples_per_class
+        self.noise_mode = noise
+        self.backend = backend
+        self.generator = generator
+
+        sizes = network.cut_sizes
+        self.w_mu = nn.ParameterList([nn.Parameter(torch.empty(num_classes, d)) for d in sizes])
+        self.w_sigma = nn.ParameterList([nn.Parameter(torch.empty(num_classes, d)) for d in sizes])
+        self.reset_gaussians(gaussian_init)
+        for l, d in enumerate(sizes):
+            self.register_buffer(f"noise{l + 1}", torch.empty(samples_per_class, num_classes, d))
+        self.redraw_noise()
+
+        self.first_multipliers = SparseTable(
+            "multipliers/cut1", zeros_table(num_examples, sizes[0], multiplier_dtype), "multiplier"
+        )
+        self.later_multipliers = nn.ParameterList(
+            [nn.Parameter(torch.zeros(samples_per_class * num_classes, d)) for d in sizes[1:]]
+        )
+        # Sample ``[n, c]`` flattened to row ``n * M + c`` has class ``c``.
+        self.register_buffer(
+            "sample_labels", torch.arange(num_classes).repeat(samples_per_class), persistent=False
+        )
+
+    @torch.no_grad()
+    def reset_gaussians(self, kind: str) -> None:
+        for w_mu, w_sigma in zip(self.w_mu, self.w_sigma):
+            if kind == "sphere":
+                w_mu.copy_(torch.randn(w_mu.shape, generator=self.generator))
+                w_mu.div_(w_mu.norm(dim=1, keepdim=True))
+                w_sigma.fill_(_UNIT_SIGMA)
+            else:
+                bound = 1.0 / math.sqrt(w_mu.shape[0])
+                w_mu.uniform_(-bound, bound, generator=self.generator)
+                w_sigma.uniform_(-bound, bound, generator=self.generator)
+
+    @torch.no_grad()
+    def redraw_noise(self) -> None:
+        for l in range(self.network.num_cuts):
+            buffer = getattr(self, f"noise{l + 1}")
+            buffer.copy_(torch.randn(buffer.shape, generator=self.generator))
+
+    def state_parameters(self):
+        return list(self.w_mu) + list(self.w_sigma)
+
+    def dense_multipliers(self):
+        return list(self.later_multipliers)
+
+    def sparse_tables(self):
+        return [self.first_multipliers]
+
+    def begin_step(self) -> None:
+        """Draw new noise when the mode is ``"redraw"``; both half-steps share it."""
+        if self.noise_mode == "redraw":
+            self.redraw_noise()
+
+    def samples(self, l: int) -> torch.Tensor:
+        """Return the synthetic states of cut ``l`` (0-based), shape ``(N * M, *cut_shape)``."""
+        noise = getattr(self, f"noise{l + 1}")
+        s = ops.sample_classes(self.w_mu[l], self.w_sigma[l], noise, backend=self.backend)
+        return s.reshape(-1, *self.network.cut_shapes[l])
+
+    def lagrangian(self, x, y, index, rows):
+        blocks = self.network.blocks
+        a = blocks[0](x).flatten(1)
+        g, term = ops.zscore_constraint(
+            a, y, self.w_mu[0], self.w_sigma[0], self.margin, rows["multipliers/cut1"],
+            backend=self.backend,
+        )
+        defects = {"cut1": g}
+
+        for l in range(1, self.network.num_cuts):
+            a = blocks[l](self.samples(l - 1)).flatten(1)
+            g, t = ops.zscore_constraint(
+                a, self.sample_labels, self.w_mu[l], self.w_sigma[l], self.margin,
+                self.later_multipliers[l - 1], backend=self.backend,
+            )
+            term = term + t
+            defects[f"cut{l + 1}"] = g
+
+        logits = blocks[-1](self.samples(self.network.num_cuts - 1))
+        loss = F.cross_entropy(logits, self.sample_labels)
+        return Terms(loss=loss, lagrangian=loss + term, defects=defects)
+
+    def variable_counts(self):
+        counts = super().variable_counts()
+        counts["noise"] = sum(getattr(self, f"noise{l + 1}").numel() for l in range(self.network.num_cuts))
+        return counts
