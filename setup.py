@@ -57,7 +57,8 @@ def extension_modules():
         os.environ["CUDA_HOME"] = cuda_home
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # torch 2.14 headers require C++20.
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
     sources = ["csrc/ext.cpp"] + cpu_sources
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     want_cuda = os.environ.get("DISTPROP_NO_CUDA") != "1"
