@@ -10,6 +10,7 @@ what is missing.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import logging
 import os
@@ -40,8 +41,12 @@ def extension():
     return _C
 
 
-def extension_has(op_name: str, dispatch_key: str) -> bool:
-    """Return whether the extension registered ``op_name`` for ``dispatch_key``."""
+# (op name, dispatch key) -> registered. torch.compile cannot trace the dispatcher query,
+# but it can trace a lookup in this dict, so the op modules fill it when they are imported.
+_kernel_table: dict[tuple[str, str], bool] = {}
+
+
+def _query_extension(op_name: str, dispatch_key: str) -> bool:
     if extension() is None:
         return False
     qualified = f"distprop_fast_C::{op_name}"
@@ -49,6 +54,43 @@ def extension_has(op_name: str, dispatch_key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, dispatch_key)
     except RuntimeError:
         return False
+
+
+def extension_has(op_name: str, dispatch_key: str) -> bool:
+    """Return whether the extension registered ``op_name`` for ``dispatch_key``."""
+    key = (op_name, dispatch_key)
+    if key not in _kernel_table:
+        _kernel_table[key] = _query_extension(op_name, dispatch_key)
+    return _kernel_table[key]
+
+
+def kernel_module(backend: str, kernel: str):
+    """Return the namespace that holds the low-level ops of ``kernel`` for ``backend``.
+
+    ``"cpu"`` and ``"cuda"`` give ``torch.ops.distprop_fast_C``. ``"triton"`` imports
+    ``distprop_fast.ops._triton.<kernel>`` on first use; its launchers have the same
+    names and arguments as the C++ ops.
+
+    Raises:
+        BackendUnavailableError: the Triton module or the triton package is missing.
+        ValueError: ``backend`` names no fused backend.
+    """
+    if backend in ("cpu", "cuda"):
+        return torch.ops.distprop_fast_C
+    if backend != "triton":
+        raise ValueError(f"no fused kernels for backend {backend!r}; expected cpu, cuda or triton")
+    module_name = f"distprop_fast.ops._triton.{kernel}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # Only a missing Triton module or package means "unavailable"; any other
+        # missing import is a bug inside that module and propagates.
+        if err.name not in (module_name, "distprop_fast.ops._triton", "triton"):
+            raise
+        raise BackendUnavailableError(
+            f"backend='triton' needs the module {module_name}, which failed to import "
+            f"({err}); install triton or pick backend='reference'"
+        ) from err
 
 
 @functools.cache
