@@ -173,3 +173,29 @@ def test_duplicate_batch_rows_equal_deduplicated_gradient():
         expected = t.table[5] + sign * 0.05 * total[0]
         assert_close(form_a.sparse_tables()[[s.name for s in form_a.sparse_tables()].index(t.name)].table[5],
                      expected, what=t.name)
+
+
+def test_distprop_every_layer_touches_only_batch_rows():
+    from distprop_fast.formulations import DistProp
+    from distprop_fast.models import build_network
+
+    torch.manual_seed(0)
+    network = build_network("mnist-every-layer", (1, 28, 28), 10, cut_activation=False)
+    assert network.cut_sizes == [21632, 9216, 128]
+    form = DistProp(network, num_examples=40, num_classes=10, samples_per_class=1, margin=0.1)
+    step = SaddlePointStep(
+        form, "extragradient", multipliers=StepRuleConfig(1e-3, "adagrad"),
+        num_examples=40, num_classes=10,
+    )
+    table = form.first_multipliers.table
+    assert table.shape == (40, 21632)
+    index = torch.tensor([9, 30, 9])
+    x, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 2, 1])
+    step(x, y, index)
+    step(x, y, index)
+
+    touched = torch.zeros(40, dtype=torch.bool)
+    touched[index] = True
+    assert torch.count_nonzero(table[~touched]) == 0
+    assert torch.count_nonzero(step.sparse_rules[0].accum[~touched]) == 0
+    assert torch.count_nonzero(table[touched]) > 0
