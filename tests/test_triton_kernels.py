@@ -17,10 +17,14 @@ compared with the tolerance of the storage dtype (``tests/compare.py``).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -321,6 +325,25 @@ def test_zscore_constraint_missing_grads():
     check_zscore(a, labels, w_mu, w_sigma, 0.3, multipliers, None, grad_term, torch.float32)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 4), min_size=1, max_size=12),
+    num_classes=st.integers(1, 5),
+    d=st.integers(1, 9),
+    margin=st.sampled_from([0.0, 0.5]),
+)
+def test_zscore_constraint_random_labels(labels, num_classes, d, margin):
+    torch.manual_seed(len(labels))
+    labels = torch.tensor(labels, device=DEVICE) % num_classes
+    batch = labels.numel()
+    a, multipliers, grad_defect = randn(batch, d), randn(batch, d), randn(batch, d)
+    w_mu, w_sigma = randn(num_classes, d), randn(num_classes, d)
+    grad_term = torch.tensor(-1.3, device=DEVICE)
+    check_zscore(
+        a, labels, w_mu, w_sigma, margin, multipliers, grad_defect, grad_term, torch.float32
+    )
+
+
 def test_zscore_constraint_bwd_deterministic():
     inputs = zscore_inputs(64, 3, 20, torch.float32, seed=4)
     a, labels, w_mu, w_sigma, multipliers, grad_defect, grad_term = inputs
@@ -411,10 +434,10 @@ def reference_adagrad(table, accum, index, grad, lr, eps, phase, saved, maximize
     return table64, accum64, saved64
 
 
-def assert_rows_unchanged(after, before, index, what):
+def assert_rows_unchanged(after, before, index, message):
     untouched = torch.ones(before.shape[0], dtype=torch.bool)
     untouched[index.long().cpu()] = False
-    assert torch.equal(after.cpu()[untouched], before.cpu()[untouched]), what
+    assert torch.equal(after.cpu()[untouched], before.cpu()[untouched]), message
 
 
 @pytest.mark.parametrize("maximize", [False, True])
@@ -501,6 +524,52 @@ def test_sparse_extra_adagrad_two_phases_float32():
     assert_close(accum, accum_ref, torch.float32, "accum")
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(1, 8),
+    d=st.integers(1, 20),
+    index=st.lists(st.integers(0, 7), min_size=1, max_size=10),
+    maximize=st.booleans(),
+)
+def test_sparse_extra_adagrad_random_duplicates(rows, d, index, maximize):
+    table, accum = adagrad_state(rows, d, torch.float32, seed=len(index))
+    index = torch.tensor(index, device=DEVICE) % rows
+    batch = index.numel()
+    look_ahead_grad, grad = randn(batch, d), randn(batch, d)
+    table_ref, accum_ref = table.cpu().clone(), accum.cpu().clone()
+    table_before = table.clone()
+    saved = torch.empty(batch, d, device=DEVICE)
+
+    sparse_extra_adagrad_(table, accum, index, look_ahead_grad, saved, 0.1, 1e-8, False, maximize)
+    sparse_extra_adagrad_(table, accum, index, grad, saved, 0.1, 1e-8, True, maximize)
+    saved_ref = reference.sparse_extra_adagrad_(
+        table_ref,
+        accum_ref,
+        index.cpu(),
+        look_ahead_grad.cpu(),
+        0.1,
+        1e-8,
+        "extrapolate",
+        maximize=maximize,
+    )
+    reference.sparse_extra_adagrad_(
+        table_ref,
+        accum_ref,
+        index.cpu(),
+        grad.cpu(),
+        0.1,
+        1e-8,
+        "update",
+        saved_ref,
+        maximize=maximize,
+    )
+
+    assert torch.equal(saved.cpu(), saved_ref)
+    assert_close(table, table_ref, torch.float32, "table")
+    assert_close(accum, accum_ref, torch.float32, "accum")
+    assert_rows_unchanged(table, table_before, index, "rows outside index changed in table")
+
+
 def test_sparse_extra_adagrad_strided_in_place():
     # table, accum and saved are views into wider buffers: the kernel must write
     # through the views' strides and leave every other element of the buffers alone.
@@ -569,3 +638,86 @@ def test_sparse_extra_adagrad_rejects_bad_input():
         sparse_extra_adagrad_(table, accum, index, grad, saved, float("nan"), 1e-8, False, False)
     with pytest.raises(TypeError, match="index must be int64 or int32"):
         sparse_extra_adagrad_(table, accum, index.float(), grad, saved, 0.1, 1e-8, False, False)
+
+
+# ---------------------------------------------------------------------------
+# compilation for the GPU
+# ---------------------------------------------------------------------------
+
+# Compiles the kernels for sm_90 (H100/H200) with the ptxas that ships with
+# triton. It needs no GPU, so it catches code the interpreter accepts but the
+# compiler rejects. Exit code 77 means the toolchain is missing.
+COMPILE_SCRIPT = """
+import sys
+
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    triton.knobs.nvidia.ptxas.path
+except Exception as err:
+    print(f"no offline NVIDIA toolchain in this triton: {err!r}")
+    sys.exit(77)
+
+from distprop_fast.ops._triton import sample_classes, sparse_extra_adagrad, zscore_constraint
+
+INT64_POINTERS = {"labels_ptr", "order_ptr", "class_start_ptr", "sorted_index_ptr", "run_end_ptr"}
+FLOAT32_POINTERS = {"partial_ptr", "grad_term_ptr"}
+FLOATS = {"margin", "lr", "eps"}
+FLAGS = {"HAS_MULTIPLIERS", "SHRINK", "HAS_GRAD_DEFECT", "UPDATE_PHASE", "MAXIMIZE"}
+KERNELS = [
+    (sample_classes._sample_classes_fwd_kernel, {"SAMPLES_PER_PROGRAM": 4, "BLOCK": 1024}),
+    (sample_classes._sample_classes_bwd_kernel, {"BLOCK": 256}),
+    (zscore_constraint._zscore_constraint_fwd_kernel, {"BLOCK_B": 8, "BLOCK_D": 256}),
+    (zscore_constraint._zscore_constraint_bwd_kernel, {"BLOCK_B": 16, "BLOCK_D": 128}),
+    (sparse_extra_adagrad._sparse_extra_adagrad_kernel, {"BLOCK_D": 512}),
+]
+
+
+def signature(kernel, constants, storage, integer):
+    types = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            types[name] = "constexpr"
+        elif name in INT64_POINTERS:
+            types[name] = "*i64"
+        elif name in FLOAT32_POINTERS:
+            types[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            types[name] = "*" + storage
+        elif name in FLOATS:
+            types[name] = "fp32"
+        else:
+            types[name] = integer
+    return types
+
+
+# float32 storage with 32-bit sizes and every flag on; bfloat16 storage with
+# 64-bit sizes and every flag off
+for storage, integer, flag in (("fp32", "i32", True), ("bf16", "i64", False)):
+    for kernel, blocks in KERNELS:
+        constants = dict(blocks)
+        constants.update({name: flag for name in FLAGS if name in kernel.arg_names})
+        source = ASTSource(kernel, signature(kernel, constants, storage, integer), constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in compiled.asm, kernel.__name__
+        print("compiled", kernel.__name__, storage, integer, flag)
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT],
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode == 77:
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("compiled") == 10, result.stdout
