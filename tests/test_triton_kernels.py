@@ -89,6 +89,20 @@ def strided(tensor: torch.Tensor) -> torch.Tensor:
     return view
 
 
+def assert_sum_close(actual, expected, magnitude, dtype, what):
+    """Compare a sum whose terms may cancel, with the tolerance relative to ``magnitude``.
+
+    A float32 sum is accurate relative to the sum of its terms' magnitudes, not to
+    its result, which can cancel to near zero. Shifting both sides by
+    ``magnitude`` (the sum of absolute terms) keeps the error and makes
+    ``assert_close`` scale its relative tolerance by that magnitude.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}"
+    shift = magnitude.detach().double().cpu()
+    error = actual.detach().double().cpu() - expected.detach().double().cpu()
+    assert_close(shift + error, shift, dtype, what)
+
+
 def float64_leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:
     if tensor is None:
         return None
@@ -120,8 +134,12 @@ def check_sample_classes(w_mu, w_sigma, noise, grad_samples, dtype):
     assert grad_mu.dtype == w_sigma.dtype
     assert grad_sigma.dtype == w_sigma.dtype
     assert_close(samples, expected, dtype, "samples")
-    assert_close(grad_mu, mu64.grad, dtype, "grad_mu")
-    assert_close(grad_sigma, sigma64.grad, dtype, "grad_sigma")
+    # sums over the N samples
+    grad64, noise64 = grad_samples.double().cpu(), noise.double().cpu()
+    grad_mu_magnitude = grad64.abs().sum(0)
+    grad_sigma_magnitude = (grad64 * noise64).abs().sum(0) * torch.sigmoid(sigma64.detach())
+    assert_sum_close(grad_mu, mu64.grad, grad_mu_magnitude, dtype, "grad_mu")
+    assert_sum_close(grad_sigma, sigma64.grad, grad_sigma_magnitude, dtype, "grad_sigma")
 
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
@@ -213,14 +231,26 @@ def check_zscore(a, labels, w_mu, w_sigma, margin, multipliers, grad_defect, gra
     assert term.dtype == torch.float32
     assert term.shape == ()
     assert_close(defect, expected, dtype, "defect")
-    # term: one float32 sum over B * d products of stored values
-    assert_close(term, expected_term, torch.float32, "term")
+    # the term is one float32 sum over B * d products
+    term_magnitude = expected_term.abs()
+    if multipliers is not None:
+        term_magnitude = (expected * lambda64).abs().sum()
+    assert_sum_close(term, expected_term, term_magnitude, torch.float32, "term")
     assert grad_a.dtype == a.dtype
     assert grad_mu.dtype == w_mu.dtype
     assert grad_sigma.dtype == w_sigma.dtype
     assert_close(grad_a, a64.grad, dtype, "grad_a")
-    assert_close(grad_mu, mu64.grad, dtype, "grad_mu")
-    assert_close(grad_sigma, sigma64.grad, dtype, "grad_sigma")
+    # grad_mu and grad_sigma sum the rows of each class
+    with torch.no_grad():
+        labels64 = labels.long().cpu()
+        z64 = (a64 - mu64[labels64]) / torch.nn.functional.softplus(sigma64)[labels64]
+        grad_mu_terms = a64.grad.abs()
+        grad_sigma_terms = (a64.grad * z64).abs()
+        grad_mu_magnitude = torch.zeros_like(mu64).index_add_(0, labels64, grad_mu_terms)
+        grad_sigma_magnitude = torch.zeros_like(sigma64).index_add_(0, labels64, grad_sigma_terms)
+        grad_sigma_magnitude *= torch.sigmoid(sigma64)
+    assert_sum_close(grad_mu, mu64.grad, grad_mu_magnitude, dtype, "grad_mu")
+    assert_sum_close(grad_sigma, sigma64.grad, grad_sigma_magnitude, dtype, "grad_sigma")
     if multipliers is None:
         assert grad_multipliers is None
     else:
