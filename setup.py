@@ -43,6 +43,25 @@ def find_cuda_home():
     return os.path.dirname(os.path.dirname(_real_nvcc(nvcc)))
 
 
+def default_cuda_arch_list():
+    """Return the GPU architectures to compile for when no GPU is visible, or ``None``.
+
+    With TORCH_CUDA_ARCH_LIST unset, torch.utils.cpp_extension compiles for the
+    visible GPUs and fails when there are none. A build without a GPU then
+    targets every architecture this torch build supports, newest with PTX.
+    """
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return None
+    arches = [a[3:] for a in torch.cuda.get_arch_list() if a.startswith("sm_")]
+    if not arches:
+        return None
+    versions = [f"{int(a[:-1])}.{a[-1]}" for a in arches]
+    versions[-1] += "+PTX"
+    return ";".join(versions)
+
+
 def extension_modules():
     if os.environ.get("DISTPROP_NO_EXTENSION") == "1":
         print("distprop_fast: DISTPROP_NO_EXTENSION=1, building no extension", file=sys.stderr)
@@ -64,6 +83,14 @@ def extension_modules():
     want_cuda = os.environ.get("DISTPROP_NO_CUDA") != "1"
     if cuda_home is not None and cuda_sources and want_cuda:
         cpp_extension.CUDA_HOME = cuda_home
+        arch_list = default_cuda_arch_list()
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+            print(
+                f"distprop_fast: no GPU visible, compiling for TORCH_CUDA_ARCH_LIST={arch_list} "
+                "(set TORCH_CUDA_ARCH_LIST to build for fewer architectures)",
+                file=sys.stderr,
+            )
         ext = cpp_extension.CUDAExtension(
             "distprop_fast._C",
             sources + cuda_sources,

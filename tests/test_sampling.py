@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distprop_fast.ops import BackendUnavailableError, reference, sample_classes
-from distprop_fast.ops import zscore_constraint
+from distprop_fast.ops import BackendUnavailableError, reference, sample_classes, zscore_constraint
 from distprop_fast.ops._backend import extension_has, kernel_module
 from tests.compare import assert_close
 
@@ -47,7 +46,7 @@ def reference_fwd_bwd(w_mu, w_sigma, noise, grad_samples):
     """Reference samples and gradients, computed in float32 from the stored values.
 
     The kernels compute in float32 and round once on storing, so for half-precision
-    storage this is the exact answer they approximate.
+    storage this is the exact result they approximate.
     """
     leaves = [t.detach().float().requires_grad_() for t in (w_mu, w_sigma, noise)]
     samples = reference.sample_classes(*leaves)
@@ -169,7 +168,9 @@ def test_compile_fullgraph_sampling_and_constraint(backend_name):
 
 def test_sampling_rejects_wrong_shapes():
     w_mu, w_sigma, noise = make_inputs(2, 3, 4, torch.float32)
-    with pytest.raises(ValueError, match=r"w_sigma must have shape \(M, d\) = \(3, 4\), got \(3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"w_sigma must have shape \(M, d\) = \(3, 4\), got \(3, 5\)"
+    ):
         sample_classes(w_mu, torch.zeros(3, 5), noise)
     with pytest.raises(ValueError, match=r"noise must have shape \(N, M, d\) = \(2, 3, 4\)"):
         sample_classes(w_mu, w_sigma, torch.zeros(2, 4, 4))
@@ -179,7 +180,9 @@ def test_sampling_rejects_wrong_shapes():
 
 def test_sampling_rejects_integer_dtype():
     w_mu, w_sigma, noise = make_inputs(2, 3, 4, torch.float32)
-    with pytest.raises(TypeError, match="w_mu must be a floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(
+        TypeError, match="w_mu must be a floating-point tensor, got dtype torch.int64"
+    ):
         sample_classes(w_mu.long(), w_sigma, noise)
 
 

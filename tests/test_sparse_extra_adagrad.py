@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from distprop_fast.ops import reference, sparse_extra_adagrad_
 from distprop_fast.ops._backend import extension_has
-from tests.compare import TOLERANCES, assert_close
+from tests.compare import assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MiB = 2**20
@@ -46,7 +46,7 @@ def make_state(n_rows, d, dtype, accum_dtype=None, device="cpu", seed=0):
 
 
 def make_batch(n_rows, batch, d, device="cpu", seed=1):
-    """Return ``(index, grad, grad2)``; the index holds duplicates when B > 2."""
+    """Return ``(index, grad, grad2)``. The index contains duplicates when B > 2."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(0, n_rows, (batch,), generator=generator)
     if batch > 2:
@@ -58,7 +58,7 @@ def make_batch(n_rows, batch, d, device="cpu", seed=1):
 
 
 def run_both_phases(table, accum, index, grad, grad2, backend, maximize, lr=0.1, eps=1e-6):
-    """Run an extrapolation then an update; return the saved rows and the state after each."""
+    """Run an extrapolation, then an update. Return the saved rows and the state after each."""
     saved = sparse_extra_adagrad_(
         table, accum, index, grad, lr, eps, "extrapolate", maximize=maximize, backend=backend
     )
@@ -94,7 +94,10 @@ def check_against_reference(table, accum, index, grad, grad2, backend, maximize=
     expected = reference_both_phases(table, accum, index, grad, grad2, maximize)
     actual = run_both_phases(table.clone(), accum.clone(), index, grad, grad2, backend, maximize)
     assert_close(actual[0], expected[0], table.dtype, "saved rows")
-    for phase, got, want in (("extrapolation", actual[1], expected[1]), ("update", actual[2], expected[2])):
+    for phase, got, want in (
+        ("extrapolation", actual[1], expected[1]),
+        ("update", actual[2], expected[2]),
+    ):
         assert_close(got[0], want[0], table.dtype, f"table after {phase}")
         assert_close(got[1], want[1], accum.dtype, f"accum after {phase}")
 
@@ -116,8 +119,8 @@ def test_step_half_table_float_accumulator(backend, dtype):
 
 @needs_cpu_kernels
 def test_step_float64_table():
-    # The reference steps in float32 whatever the storage; the kernel steps float64
-    # tables in float64, so the two agree to float32 precision only.
+    # The reference steps in float32 whatever the storage, but the kernel steps
+    # float64 tables in float64, so the two agree to float32 precision only.
     table, accum = make_state(10, 3, torch.float64)
     index, grad, grad2 = make_batch(10, 5, 3)
     expected = reference_both_phases(table, accum, index, grad, grad2, False)
@@ -163,7 +166,9 @@ def test_step_update_restores_saved_rows(backend):
     table, accum = make_state(30, 6, torch.float32, device=backend)
     index, grad, _ = make_batch(30, 9, 6, device=backend)
     original = table.clone()
-    saved = sparse_extra_adagrad_(table, accum, index, grad, 0.1, 1e-6, "extrapolate", backend=backend)
+    saved = sparse_extra_adagrad_(
+        table, accum, index, grad, 0.1, 1e-6, "extrapolate", backend=backend
+    )
     assert torch.equal(saved, original[index])
     assert not torch.equal(table, original)
     zero = torch.zeros_like(grad)
@@ -226,7 +231,9 @@ def test_step_deterministic_across_threads():
         for count in (1, 2):
             torch.set_num_threads(count)
             table, accum = make_state(64, 33, torch.float32)
-            sparse_extra_adagrad_(table, accum, index, grad, 0.1, 1e-6, "extrapolate", backend="cpu")
+            sparse_extra_adagrad_(
+                table, accum, index, grad, 0.1, 1e-6, "extrapolate", backend="cpu"
+            )
             results.append((table, accum))
     finally:
         torch.set_num_threads(threads)
@@ -252,7 +259,7 @@ def test_step_memory_independent_of_table_size(backend_name):
     ``torch.empty`` maps pages lazily, so rows that are never touched cost no
     resident memory. The table is sized so that touching all of it, or allocating
     any buffer of its size, would lift the peak resident memory of the process by
-    more than 512 MiB; the check at the end shows that such a copy is detected.
+    more than 512 MiB. The check at the end shows that such a copy is detected.
     """
     if backend_name == "cpu" and not extension_has("sparse_extra_adagrad_", "CPU"):
         pytest.skip("distprop_fast._C is not built with CPU kernels")
@@ -260,7 +267,9 @@ def test_step_memory_independent_of_table_size(backend_name):
     # Load the code paths once (the first custom-op call imports modules).
     small_table, small_accum = make_state(8, d, torch.float32)
     index, grad, _ = make_batch(8, 3, d)
-    sparse_extra_adagrad_(small_table, small_accum, index, grad, 0.1, 1e-6, "extrapolate", backend=backend_name)
+    sparse_extra_adagrad_(
+        small_table, small_accum, index, grad, 0.1, 1e-6, "extrapolate", backend=backend_name
+    )
 
     headroom = max(_peak_resident_bytes() - _resident_bytes(), 0)
     n_rows = (headroom + 512 * MiB) // (d * 4)
@@ -274,8 +283,12 @@ def test_step_memory_independent_of_table_size(backend_name):
     grad = torch.randn(batch, d)
 
     peak_before = _peak_resident_bytes()
-    saved = sparse_extra_adagrad_(table, accum, index, grad, 0.1, 1e-6, "extrapolate", backend=backend_name)
-    sparse_extra_adagrad_(table, accum, index, grad, 0.1, 1e-6, "update", saved, backend=backend_name)
+    saved = sparse_extra_adagrad_(
+        table, accum, index, grad, 0.1, 1e-6, "extrapolate", backend=backend_name
+    )
+    sparse_extra_adagrad_(
+        table, accum, index, grad, 0.1, 1e-6, "update", saved, backend=backend_name
+    )
     growth = _peak_resident_bytes() - peak_before
     assert growth < 64 * MiB, f"peak resident memory grew by {growth / MiB:.0f} MiB during the step"
 

@@ -36,7 +36,7 @@ def backend(request):
 
 
 def make_inputs(batch, n_classes, d, dtype, device="cpu", seed=0, mult_dtype=None):
-    """Return ``(a, labels, w_mu, w_sigma, multipliers)``; every class appears when B >= M."""
+    """Return ``(a, labels, w_mu, w_sigma, multipliers)``. Every class appears when B >= M."""
     generator = torch.Generator().manual_seed(seed)
     a = torch.randn(batch, d, generator=generator) * 2
     labels = torch.randint(0, n_classes, (batch,), generator=generator)
@@ -216,7 +216,7 @@ def test_constraint_deterministic_across_threads():
 
 @needs_cpu_kernels
 def test_constraint_int32_labels():
-    a, labels, w_mu, w_sigma, multipliers = make_inputs(6, 3, 4, torch.float32)
+    a, labels, w_mu, w_sigma, _ = make_inputs(6, 3, 4, torch.float32)
     defect, _ = zscore_constraint(a, labels.int(), w_mu, w_sigma, 0.0, backend="cpu")
     expected, _ = reference.zscore_constraint(a, labels, w_mu, w_sigma, 0.0)
     assert_close(defect, expected, torch.float32, "defect")
@@ -229,7 +229,9 @@ def test_constraint_opcheck():
     a, labels, w_mu, w_sigma, multipliers = make_inputs(6, 3, 4, torch.float32)
     for t in (a, w_mu, w_sigma, multipliers):
         t.requires_grad_()
-    torch.library.opcheck(_zscore_constraint_fused, (a, labels, w_mu, w_sigma, 0.3, multipliers, "cpu"))
+    torch.library.opcheck(
+        _zscore_constraint_fused, (a, labels, w_mu, w_sigma, 0.3, multipliers, "cpu")
+    )
     torch.library.opcheck(_zscore_constraint_fused, (a, labels, w_mu, w_sigma, 0.0, None, "cpu"))
 
 

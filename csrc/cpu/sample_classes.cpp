@@ -4,8 +4,8 @@
 //   backward: dW_mu[c] = sum_n dS[n, c]
 //             dW_sigma[c] = sigmoid(W_sigma[c]) * sum_n dS[n, c] * E[n, c]
 //
-// Tensors are stored as float64, float32, float16 or bfloat16; arithmetic is
-// float32 (float64 for float64 storage).
+// Tensors are stored as float64, float32, float16 or bfloat16. Arithmetic is
+// float32, or float64 for float64 storage.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -65,7 +65,7 @@ void sample_fwd_kernel(const at::Tensor& w_mu, const at::Tensor& w_sigma, const 
   const std::vector<opmath_t> sigma =
       softplus_rows<scalar_t, opmath_t>(w_sigma.const_data_ptr<scalar_t>(), n_classes * d);
 
-  // One task per sample row (n, c); rows are contiguous runs of d features.
+  // One task per sample row (n, c), a contiguous run of d features.
   const int64_t grain = std::max<int64_t>(1, kGrainElements / d);
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -144,7 +144,7 @@ at::Tensor sample_classes_fwd_cpu(const at::Tensor& w_mu, const at::Tensor& w_si
 std::tuple<at::Tensor, at::Tensor> sample_classes_bwd_cpu(const at::Tensor& grad_samples,
                                                           const at::Tensor& w_sigma,
                                                           const at::Tensor& noise) {
-  // w_sigma stands in for w_mu, whose shape and dtype it must share.
+  // The backward has no w_mu, so w_sigma is checked in its place (same shape and dtype).
   check_sample_inputs("sample_classes_bwd", w_sigma, w_sigma, noise);
   TORCH_CHECK(grad_samples.sizes() == noise.sizes(),
               "sample_classes_bwd: grad_samples must have the shape of noise ", noise.sizes(),

@@ -42,8 +42,9 @@ void check_step_inputs(const at::Tensor& table, const at::Tensor& accum, const a
               ": grad must have shape (", batch, ", ", d, "), got ", grad.sizes());
   TORCH_CHECK(saved.dim() == 2 && saved.size(0) == batch && saved.size(1) == d, op,
               ": saved must have shape (", batch, ", ", d, "), got ", saved.sizes());
-  TORCH_CHECK(saved.scalar_type() == table.scalar_type(), op, ": saved must have the dtype of table ",
-              table.scalar_type(), ", got ", saved.scalar_type());
+  TORCH_CHECK(saved.scalar_type() == table.scalar_type(), op,
+              ": saved must have the dtype of table ", table.scalar_type(), ", got ",
+              saved.scalar_type());
   TORCH_CHECK(at::isFloatingType(accum.scalar_type()) && at::isFloatingType(grad.scalar_type()),
               op, ": accum and grad must be floating-point, got ", accum.scalar_type(), " and ",
               grad.scalar_type());
@@ -52,7 +53,7 @@ void check_step_inputs(const at::Tensor& table, const at::Tensor& accum, const a
   }
   TORCH_CHECK(d <= 1 || (table.stride(1) == 1 && accum.stride(1) == 1), op,
               ": table and accum need unit column stride, got strides ", table.strides(), " and ",
-              accum.strides(), "; pass tables made with .contiguous()");
+              accum.strides(), ". Pass tables made with .contiguous()");
   TORCH_CHECK(index.is_contiguous() && grad.is_contiguous() && saved.is_contiguous(), op,
               ": index, grad and saved must be contiguous");
 
@@ -127,8 +128,8 @@ void step_kernel(const at::Tensor& table, const at::Tensor& accum, const int64_t
         }
       }
       if (update_phase) {
-        // Duplicates carry copies of one original row; take the last, as a
-        // sequential index_put_ would.
+        // Duplicates carry copies of one original row. The last one is written,
+        // as a sequential index_put_ would.
         std::copy(saved_ptr + order[last - 1] * d, saved_ptr + order[last - 1] * d + d, row);
       }
 

@@ -250,15 +250,17 @@ void constraint_bwd_kernel(const at::Tensor& grad_defect, double grad_term, cons
           for (int64_t j = 0; j < width; ++j) {
             const opmath_t z =
                 (static_cast<opmath_t>(a_row[j]) - static_cast<opmath_t>(mu_c[j])) / sigma_c[j];
-            // The stored defect has the dtype of a; round it the same way here.
-            const opmath_t g = static_cast<opmath_t>(static_cast<scalar_t>(distprop::shrink(z, eps)));
+            // Round like the stored defect, which has the dtype of a.
+            const scalar_t stored = static_cast<scalar_t>(distprop::shrink(z, eps));
+            const opmath_t g = static_cast<opmath_t>(stored);
             gl_row[j] = static_cast<mult_t>(gt * g);
           }
         }
       }
 
       for (int64_t j = 0; j < width; ++j) {
-        const opmath_t dsoftplus = distprop::softplus_grad(static_cast<opmath_t>(ws[c * d + j0 + j]));
+        const opmath_t dsoftplus =
+            distprop::softplus_grad(static_cast<opmath_t>(ws[c * d + j0 + j]));
         gmu_ptr[c * d + j0 + j] = static_cast<scalar_t>(sum_mu[j]);
         gws_ptr[c * d + j0 + j] = static_cast<scalar_t>(sum_sigma[j] * dsoftplus);
       }

@@ -1,5 +1,5 @@
 // Per-class re-parameterised sampling, CUDA kernels. The schemas are defined in
-// csrc/cpu/sample_classes.cpp; see there for the maths.
+// csrc/cpu/sample_classes.cpp, which also states the maths.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,5 +1,5 @@
 // ExtraAdagrad half-step on sparse rows of a (|D|, d) table, in place: CUDA kernel.
-// The schema is defined in csrc/cpu/sparse_extra_adagrad.cpp; see there for the maths.
+// The schema is defined in csrc/cpu/sparse_extra_adagrad.cpp, which also states the maths.
 //
 // Duplicates: a stable sort of the indices puts equal rows next to each other in
 // batch order. For each feature j, the thread at the first position of a run owns
@@ -57,12 +57,13 @@ __global__ void step_kernel(table_t* __restrict__ table, accum_t* __restrict__ a
       g += grad[b * d + j];
       last_b = b;
     }
-    // Duplicates carry copies of one original row; take the last, as the CPU kernel does.
+    // Duplicates carry copies of one original row. The last one is used, as on the CPU.
     const table_t start = update_phase ? saved[last_b * d + j] : *element;
 
     const opmath_t acc = static_cast<opmath_t>(*acc_element) + g * g;
     *acc_element = static_cast<accum_t>(acc);
-    *element = static_cast<table_t>(static_cast<opmath_t>(start) + signed_lr * g / (sqrt(acc) + eps));
+    const opmath_t step = signed_lr * g / (sqrt(acc) + eps);
+    *element = static_cast<table_t>(static_cast<opmath_t>(start) + step);
   }
 }
 

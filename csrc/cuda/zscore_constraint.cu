@@ -1,10 +1,10 @@
 // z-score hard-shrink constraint fused with the multiplier term, CUDA kernels. The
-// schemas are defined in csrc/cpu/zscore_constraint.cpp; see there for the maths.
+// schemas are defined in csrc/cpu/zscore_constraint.cpp, which also states the maths.
 //
-// Determinism: the term is reduced per block in a fixed tree and then over the
-// blocks in order; the per-class gradients are summed by one thread per
-// (class, feature) over the class's rows in batch order (rows grouped by a stable
-// sort of the labels). No floating-point atomics are used.
+// Both reductions are deterministic and use no floating-point atomics. The term is
+// reduced per block in a fixed tree, then over the blocks in order. Each class
+// gradient element is summed by one thread over the class's rows in batch order,
+// found by a stable sort of the labels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

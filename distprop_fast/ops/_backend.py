@@ -65,7 +65,7 @@ def extension_has(op_name: str, dispatch_key: str) -> bool:
 
 
 def kernel_module(backend: str, kernel: str):
-    """Return the namespace that holds the low-level ops of ``kernel`` for ``backend``.
+    """Return the namespace that contains the low-level ops of ``kernel`` for ``backend``.
 
     ``"cpu"`` and ``"cuda"`` give ``torch.ops.distprop_fast_C``. ``"triton"`` imports
     ``distprop_fast.ops._triton.<kernel>`` on first use; its launchers have the same
@@ -93,10 +93,14 @@ def kernel_module(backend: str, kernel: str):
         ) from err
 
 
-@functools.cache
+# Filled at import for the same reason as _kernel_table: torch.compile ignores
+# functools.cache and would trace the import-system query.
+_triton_found = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Return whether Triton imports; it runs on CPU tensors only under TRITON_INTERPRET=1."""
-    return importlib.util.find_spec("triton") is not None
+    return _triton_found
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -156,7 +160,9 @@ def resolve_backend(requested: str | None, device: torch.device, op_name: str) -
         return "cuda"
     # requested == "triton"
     if not triton_available():
-        raise BackendUnavailableError("backend='triton' needs the triton package: pip install triton")
+        raise BackendUnavailableError(
+            "backend='triton' needs the triton package: pip install triton"
+        )
     if not triton_runs_on(device):
         raise BackendUnavailableError(
             f"backend='triton' needs a CUDA tensor, got one on {device}; on CPU, set "

@@ -23,7 +23,9 @@ def check_float(name: str, tensor: torch.Tensor, shape_text: str, ndim: int) -> 
         raise ValueError(f"{name} must have shape {shape_text}, got {tuple(tensor.shape)}")
 
 
-def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], shape_text: str) -> None:
+def check_shape(
+    name: str, tensor: torch.Tensor, expected: tuple[int, ...], shape_text: str
+) -> None:
     """Raise unless ``tensor`` has shape ``expected``."""
     if tuple(tensor.shape) != tuple(expected):
         raise ValueError(
@@ -32,7 +34,7 @@ def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], shap
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    """Return the one device of all given tensors; raise if they are on several."""
+    """Return the device of the given tensors, which must all be on one device."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first_name, first_device = next(iter(devices.items()))
     for name, device in devices.items():

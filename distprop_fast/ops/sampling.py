@@ -14,8 +14,12 @@ import torch.nn.functional as F
 
 from distprop_fast.ops import reference
 from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend
-from distprop_fast.ops._checks import check_float, check_same_device, check_shape
-from distprop_fast.ops._checks import common_float_dtype
+from distprop_fast.ops._checks import (
+    check_float,
+    check_same_device,
+    check_shape,
+    common_float_dtype,
+)
 
 KERNEL = "sample_classes"
 
@@ -62,8 +66,8 @@ def _backward(ctx, grad_samples):
     grad_mu, grad_w_sigma = _sample_classes_bwd_fused(
         grad_samples.contiguous(), w_sigma, noise, ctx.backend
     )
-    # The noise is usually a fixed buffer; its gradient dS * sigma[c] costs one
-    # elementwise product, so it is computed only on request.
+    # The noise is usually a fixed buffer, so its gradient dS * sigma[c] is computed
+    # only on request.
     grad_noise = None
     if ctx.needs_input_grad[2]:
         grad_noise = grad_samples * F.softplus(w_sigma)
@@ -98,7 +102,7 @@ def sample_classes(
         backend: one of ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
 
     Returns:
-        Samples of shape ``(N, M, d)`` in the promoted dtype of the inputs; sample
+        Samples of shape ``(N, M, d)`` in the promoted dtype of the inputs. Sample
         ``[n, c]`` belongs to class ``c``. Differentiable with respect to all inputs
         (once; the fused backends have no double backward).
 

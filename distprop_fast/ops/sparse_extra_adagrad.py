@@ -80,12 +80,12 @@ def _check_inputs(table, accum, index, grad, lr, eps, phase, saved) -> torch.Ten
 
 
 def _check_writable_layout(table: torch.Tensor, accum: torch.Tensor) -> None:
-    # The fused kernels write rows in place, so they cannot work on a copy; any
-    # row stride works, but features must be adjacent.
+    # The fused kernels write rows in place, so they cannot work on a copy. Any row
+    # stride works, but the features of a row must be adjacent.
     for name, tensor in (("table", table), ("accum", accum)):
         if tensor.shape[1] > 1 and tensor.stride(1) != 1:
             raise ValueError(
-                f"{name} has strides {tensor.stride()}; the fused backends update rows in "
+                f"{name} has strides {tensor.stride()}, but the fused backends update rows in "
                 f"place and need unit stride along d. Keep a .contiguous() copy as the "
                 f"{name}, or pass backend='reference'"
             )

@@ -14,8 +14,13 @@ import torch
 
 from distprop_fast.ops import reference
 from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend
-from distprop_fast.ops._checks import as_index, check_float, check_same_device, check_shape
-from distprop_fast.ops._checks import common_float_dtype
+from distprop_fast.ops._checks import (
+    as_index,
+    check_float,
+    check_same_device,
+    check_shape,
+    common_float_dtype,
+)
 
 KERNEL = "zscore_constraint"
 
