@@ -76,8 +76,10 @@ def extension_modules():
         os.environ["CUDA_HOME"] = cuda_home
     from torch.utils import cpp_extension
 
-    # torch 2.14 headers require C++20.
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
+    # torch 2.14 headers require C++20. The kernels use neither errno nor
+    # floating-point traps, and without both flags GCC 12 keeps loops that call
+    # sqrt or select between floats scalar.
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-fno-math-errno", "-fno-trapping-math"]
     sources = ["csrc/ext.cpp"] + cpu_sources
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     want_cuda = os.environ.get("DISTPROP_NO_CUDA") != "1"

@@ -16,7 +16,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../distprop_math.h"
+#include "softplus_scales.h"
 
 namespace {
 
@@ -42,16 +42,6 @@ void check_sample_inputs(const char* op, const at::Tensor& w_mu, const at::Tenso
   }
 }
 
-// softplus(W_sigma) once per (c, j), so the N samples of a class reuse it.
-template <typename scalar_t, typename opmath_t>
-std::vector<opmath_t> softplus_rows(const scalar_t* w_sigma, int64_t count) {
-  std::vector<opmath_t> sigma(count);
-  for (int64_t i = 0; i < count; ++i) {
-    sigma[i] = distprop::softplus(static_cast<opmath_t>(w_sigma[i]));
-  }
-  return sigma;
-}
-
 template <typename scalar_t>
 void sample_fwd_kernel(const at::Tensor& w_mu, const at::Tensor& w_sigma, const at::Tensor& noise,
                        at::Tensor& samples) {
@@ -62,8 +52,9 @@ void sample_fwd_kernel(const at::Tensor& w_mu, const at::Tensor& w_sigma, const 
   const scalar_t* mu = w_mu.const_data_ptr<scalar_t>();
   const scalar_t* eps = noise.const_data_ptr<scalar_t>();
   scalar_t* out = samples.mutable_data_ptr<scalar_t>();
-  const std::vector<opmath_t> sigma =
-      softplus_rows<scalar_t, opmath_t>(w_sigma.const_data_ptr<scalar_t>(), n_classes * d);
+  // (M, d), reused by the N samples of each class.
+  const at::Tensor sigma_tensor = distprop::softplus_scales(w_sigma);
+  const opmath_t* sigma = sigma_tensor.const_data_ptr<opmath_t>();
 
   // One task per sample row (n, c), a contiguous run of d features.
   const int64_t grain = std::max<int64_t>(1, kGrainElements / d);
@@ -71,7 +62,7 @@ void sample_fwd_kernel(const at::Tensor& w_mu, const at::Tensor& w_sigma, const 
     for (int64_t row = begin; row < end; ++row) {
       const int64_t c = row % n_classes;
       const scalar_t* mu_c = mu + c * d;
-      const opmath_t* sigma_c = sigma.data() + c * d;
+      const opmath_t* sigma_c = sigma + c * d;
       const scalar_t* eps_row = eps + row * d;
       scalar_t* out_row = out + row * d;
 #pragma omp simd
@@ -93,7 +84,8 @@ void sample_bwd_kernel(const at::Tensor& grad_samples, const at::Tensor& w_sigma
   const int64_t d = w_sigma.size(1);
   const scalar_t* dS = grad_samples.const_data_ptr<scalar_t>();
   const scalar_t* eps = noise.const_data_ptr<scalar_t>();
-  const scalar_t* ws = w_sigma.const_data_ptr<scalar_t>();
+  const at::Tensor dsoftplus_tensor = distprop::softplus_scale_grads(w_sigma);
+  const opmath_t* dsoftplus = dsoftplus_tensor.const_data_ptr<opmath_t>();
   scalar_t* g_mu = grad_mu.mutable_data_ptr<scalar_t>();
   scalar_t* g_sigma = grad_sigma.mutable_data_ptr<scalar_t>();
 
@@ -118,9 +110,8 @@ void sample_bwd_kernel(const at::Tensor& grad_samples, const at::Tensor& w_sigma
         }
       }
       for (int64_t j = 0; j < d; ++j) {
-        const opmath_t dsoftplus = distprop::softplus_grad(static_cast<opmath_t>(ws[c * d + j]));
         g_mu[c * d + j] = static_cast<scalar_t>(sum_grad[j]);
-        g_sigma[c * d + j] = static_cast<scalar_t>(sum_grad_noise[j] * dsoftplus);
+        g_sigma[c * d + j] = static_cast<scalar_t>(sum_grad_noise[j] * dsoftplus[c * d + j]);
       }
     }
   });

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../distprop_math.h"
+#include "softplus_scales.h"
 
 namespace {
 
@@ -78,15 +79,6 @@ void check_constraint_inputs(const char* op, const at::Tensor& a, const at::Tens
   }
 }
 
-template <typename scalar_t, typename opmath_t>
-std::vector<opmath_t> softplus_rows(const scalar_t* w_sigma, int64_t count) {
-  std::vector<opmath_t> sigma(count);
-  for (int64_t i = 0; i < count; ++i) {
-    sigma[i] = distprop::softplus(static_cast<opmath_t>(w_sigma[i]));
-  }
-  return sigma;
-}
-
 // Forward for one (storage, multiplier storage) dtype pair. Returns sum(lambda * g) in double.
 template <typename scalar_t, typename mult_t>
 double constraint_fwd_kernel(const at::Tensor& a, const at::Tensor& labels,
@@ -99,8 +91,9 @@ double constraint_fwd_kernel(const at::Tensor& a, const at::Tensor& labels,
   const scalar_t* mu = w_mu.const_data_ptr<scalar_t>();
   const int64_t* y = labels.const_data_ptr<int64_t>();
   scalar_t* g_ptr = defect.mutable_data_ptr<scalar_t>();
-  const std::vector<opmath_t> sigma =
-      softplus_rows<scalar_t, opmath_t>(w_sigma.const_data_ptr<scalar_t>(), w_mu.numel());
+  // (M, d)
+  const at::Tensor sigma_tensor = distprop::softplus_scales(w_sigma);
+  const opmath_t* sigma = sigma_tensor.const_data_ptr<opmath_t>();
   const opmath_t eps = static_cast<opmath_t>(margin);
 
   // One partial sum per row, added up serially afterwards: the term is then the
@@ -111,7 +104,7 @@ double constraint_fwd_kernel(const at::Tensor& a, const at::Tensor& labels,
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* a_row = a_ptr + b * d;
       const scalar_t* mu_row = mu + y[b] * d;
-      const opmath_t* sigma_row = sigma.data() + y[b] * d;
+      const opmath_t* sigma_row = sigma + y[b] * d;
       scalar_t* g_row = g_ptr + b * d;
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) {
@@ -184,6 +177,44 @@ void group_rows_by_class(const int64_t* y, int64_t batch, int64_t n_classes,
   }
 }
 
+// Backward of one row tile: writes da (and dlambda) and adds the row's terms to the
+// class sums. A separate function, so that its loops vectorise for each case.
+template <bool kHasLambda, typename scalar_t, typename mult_t, typename opmath_t>
+inline void constraint_bwd_row(const scalar_t* __restrict__ a_row,
+                               const scalar_t* __restrict__ gd_row,
+                               const mult_t* __restrict__ lambda_row,
+                               const scalar_t* __restrict__ mu_c,
+                               const opmath_t* __restrict__ sigma_c, opmath_t eps, opmath_t gt,
+                               int64_t width, scalar_t* __restrict__ ga_row,
+                               mult_t* __restrict__ gl_row, double* __restrict__ sum_mu,
+                               double* __restrict__ sum_sigma) {
+#pragma omp simd
+  for (int64_t j = 0; j < width; ++j) {
+    const opmath_t z =
+        (static_cast<opmath_t>(a_row[j]) - static_cast<opmath_t>(mu_c[j])) / sigma_c[j];
+    opmath_t upstream = static_cast<opmath_t>(gd_row[j]);
+    if constexpr (kHasLambda) {
+      upstream += gt * static_cast<opmath_t>(lambda_row[j]);
+    }
+    const opmath_t quotient = upstream / sigma_c[j];
+    const opmath_t grad_z = distprop::shrink_passes(z, eps) ? quotient : opmath_t(0);
+    ga_row[j] = static_cast<scalar_t>(grad_z);
+    sum_mu[j] -= static_cast<double>(grad_z);
+    sum_sigma[j] -= static_cast<double>(grad_z * z);
+  }
+  if constexpr (kHasLambda) {
+    // A second pass, because GCC 12 does not vectorise the first with this store in it.
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const opmath_t z =
+          (static_cast<opmath_t>(a_row[j]) - static_cast<opmath_t>(mu_c[j])) / sigma_c[j];
+      // Round like the stored defect, which has the dtype of a.
+      const scalar_t stored = static_cast<scalar_t>(distprop::shrink(z, eps));
+      gl_row[j] = static_cast<mult_t>(gt * static_cast<opmath_t>(stored));
+    }
+  }
+}
+
 template <typename scalar_t, typename mult_t>
 void constraint_bwd_kernel(const at::Tensor& grad_defect, double grad_term, const at::Tensor& a,
                            const at::Tensor& labels, const at::Tensor& w_mu,
@@ -197,11 +228,14 @@ void constraint_bwd_kernel(const at::Tensor& grad_defect, double grad_term, cons
   const scalar_t* a_ptr = a.const_data_ptr<scalar_t>();
   const scalar_t* gd_ptr = grad_defect.const_data_ptr<scalar_t>();
   const scalar_t* mu = w_mu.const_data_ptr<scalar_t>();
-  const scalar_t* ws = w_sigma.const_data_ptr<scalar_t>();
   scalar_t* ga_ptr = grad_a.mutable_data_ptr<scalar_t>();
   scalar_t* gmu_ptr = grad_mu.mutable_data_ptr<scalar_t>();
   scalar_t* gws_ptr = grad_w_sigma.mutable_data_ptr<scalar_t>();
-  const std::vector<opmath_t> sigma = softplus_rows<scalar_t, opmath_t>(ws, w_mu.numel());
+  // (M, d) each
+  const at::Tensor sigma_tensor = distprop::softplus_scales(w_sigma);
+  const at::Tensor dsoftplus_tensor = distprop::softplus_scale_grads(w_sigma);
+  const opmath_t* sigma = sigma_tensor.const_data_ptr<opmath_t>();
+  const opmath_t* dsoftplus = dsoftplus_tensor.const_data_ptr<opmath_t>();
   const opmath_t eps = static_cast<opmath_t>(margin);
   const opmath_t gt = static_cast<opmath_t>(grad_term);
 
@@ -221,48 +255,27 @@ void constraint_bwd_kernel(const at::Tensor& grad_defect, double grad_term, cons
       const int64_t j0 = (task % n_tiles) * kFeatureTile;
       const int64_t width = std::min(kFeatureTile, d - j0);
       const scalar_t* mu_c = mu + c * d + j0;
-      const opmath_t* sigma_c = sigma.data() + c * d + j0;
+      const opmath_t* sigma_c = sigma + c * d + j0;
       std::fill(sum_mu.begin(), sum_mu.end(), 0.0);
       std::fill(sum_sigma.begin(), sum_sigma.end(), 0.0);
 
       for (int64_t k = offsets[c]; k < offsets[c + 1]; ++k) {
         const int64_t offset = rows[k] * d + j0;
-        const scalar_t* a_row = a_ptr + offset;
-        const scalar_t* gd_row = gd_ptr + offset;
-        scalar_t* ga_row = ga_ptr + offset;
-        const mult_t* lambda_row = lambda != nullptr ? lambda + offset : nullptr;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const opmath_t z =
-              (static_cast<opmath_t>(a_row[j]) - static_cast<opmath_t>(mu_c[j])) / sigma_c[j];
-          opmath_t upstream = static_cast<opmath_t>(gd_row[j]);
-          if (lambda_row != nullptr) {
-            upstream += gt * static_cast<opmath_t>(lambda_row[j]);
-          }
-          const opmath_t grad_z =
-              distprop::shrink_passes(z, eps) ? upstream / sigma_c[j] : opmath_t(0);
-          ga_row[j] = static_cast<scalar_t>(grad_z);
-          sum_mu[j] -= static_cast<double>(grad_z);
-          sum_sigma[j] -= static_cast<double>(grad_z * z);
-        }
-        if (grad_lambda != nullptr) {
-          mult_t* gl_row = grad_lambda + offset;
-          for (int64_t j = 0; j < width; ++j) {
-            const opmath_t z =
-                (static_cast<opmath_t>(a_row[j]) - static_cast<opmath_t>(mu_c[j])) / sigma_c[j];
-            // Round like the stored defect, which has the dtype of a.
-            const scalar_t stored = static_cast<scalar_t>(distprop::shrink(z, eps));
-            const opmath_t g = static_cast<opmath_t>(stored);
-            gl_row[j] = static_cast<mult_t>(gt * g);
-          }
+        if (lambda != nullptr) {
+          constraint_bwd_row<true>(a_ptr + offset, gd_ptr + offset, lambda + offset, mu_c,
+                                   sigma_c, eps, gt, width, ga_ptr + offset,
+                                   grad_lambda + offset, sum_mu.data(), sum_sigma.data());
+        } else {
+          constraint_bwd_row<false>(a_ptr + offset, gd_ptr + offset, lambda, mu_c, sigma_c, eps,
+                                    gt, width, ga_ptr + offset, grad_lambda, sum_mu.data(),
+                                    sum_sigma.data());
         }
       }
 
       for (int64_t j = 0; j < width; ++j) {
-        const opmath_t dsoftplus =
-            distprop::softplus_grad(static_cast<opmath_t>(ws[c * d + j0 + j]));
-        gmu_ptr[c * d + j0 + j] = static_cast<scalar_t>(sum_mu[j]);
-        gws_ptr[c * d + j0 + j] = static_cast<scalar_t>(sum_sigma[j] * dsoftplus);
+        const int64_t cj = c * d + j0 + j;
+        gmu_ptr[cj] = static_cast<scalar_t>(sum_mu[j]);
+        gws_ptr[cj] = static_cast<scalar_t>(sum_sigma[j] * dsoftplus[cj]);
       }
     }
   });
