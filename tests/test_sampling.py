@@ -114,6 +114,12 @@ def test_sampling_random_shapes(n_samples, n_classes, d, dtype, transposed, seed
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 7), (3, 1, 1), (1, 4, 1), (2, 3, 129)])
+def test_sampling_edge_shapes(shape):
+    check_against_reference(*make_inputs(*shape, torch.float32), "cpu", torch.float32)
+
+
+@needs_cpu_kernels
 def test_sampling_mixed_dtypes_promote():
     w_mu, w_sigma, noise = make_inputs(2, 3, 4, torch.float32)
     samples = sample_classes(w_mu.bfloat16(), w_sigma, noise, backend="cpu")

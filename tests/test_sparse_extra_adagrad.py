@@ -222,6 +222,16 @@ def test_step_random_shapes(n_rows, batch, d, dtype, maximize, transposed_grad, 
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 5, 1), (7, 1, 1), (3, 9, 130)])
+def test_step_edge_shapes(shape):
+    # (|D|, B, d); |D| < B makes every row a duplicate.
+    n_rows, batch, d = shape
+    table, accum = make_state(n_rows, d, torch.float32)
+    index, grad, grad2 = make_batch(n_rows, batch, d)
+    check_against_reference(table, accum, index, grad, grad2, "cpu", maximize=False)
+
+
+@needs_cpu_kernels
 def test_step_deterministic_across_threads():
     index = torch.randint(0, 64, (4096,), generator=torch.Generator().manual_seed(3))
     grad = torch.randn(4096, 33, generator=torch.Generator().manual_seed(4))

@@ -197,6 +197,15 @@ def test_constraint_random_shapes(
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 3, 1), (5, 1, 1), (1, 1, 9), (3, 7, 257)])
+@pytest.mark.parametrize("margin", MARGINS)
+def test_constraint_edge_shapes(shape, margin):
+    # (B, M, d); with B < M some classes have no rows, so their gradients are zero.
+    a, labels, w_mu, w_sigma, multipliers = make_inputs(*shape, torch.float32)
+    check_against_reference(a, labels, w_mu, w_sigma, margin, multipliers, "cpu")
+
+
+@needs_cpu_kernels
 def test_constraint_deterministic_across_threads():
     a, labels, w_mu, w_sigma, multipliers = make_inputs(512, 3, 70, torch.float32)
     upstream = random_upstream(a, torch.float32)
