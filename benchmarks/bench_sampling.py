@@ -105,7 +105,9 @@ def check_against_reference(inputs: dict, backend: str) -> None:
 
     torch.testing.assert_close(samples, expected, msg=lambda m: f"samples ({backend}): {m}")
     for name, actual, want in zip(("grad w_mu", "grad w_sigma"), actual_grads, expected_grads):
-        torch.testing.assert_close(actual, want, msg=lambda m: f"{name} ({backend}): {m}")
+        torch.testing.assert_close(
+            actual, want, msg=lambda m, name=name: f"{name} ({backend}): {m}"
+        )
 
 
 # -- pytest-benchmark ------------------------------------------------------------------------

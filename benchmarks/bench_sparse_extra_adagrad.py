@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from distprop_fast.ops import reference, sparse_extra_adagrad_
+from distprop_fast.ops import sparse_extra_adagrad_
 
 FLOAT32_BYTES = 4
 INT64_BYTES = 8
@@ -190,7 +190,7 @@ def check_against_reference(state: dict, backend: str, adagrad=None) -> None:
     expected = _run_on_batch_rows(state, "reference", None)
     actual = _run_on_batch_rows(state, backend, adagrad)
     for name, got, want in zip(("table rows", "accumulator rows", "saved rows"), actual, expected):
-        torch.testing.assert_close(got, want, msg=lambda m: f"{name} ({backend}): {m}")
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name} ({backend}): {m}")
 
 
 # -- pytest-benchmark ------------------------------------------------------------------------

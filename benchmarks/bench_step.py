@@ -7,7 +7,7 @@ MNIST defaults except for the multiplier step rule, which is Adagrad here so
 that the sparse ExtraAdagrad op runs (the default, SGD, runs no fused op).
 
 ``pytest benchmarks/bench_step.py`` times a step per backend and network with
-pytest-benchmark; ``benchmarks/compare.py`` imports the builders below to time
+pytest-benchmark. ``benchmarks/compare.py`` imports the builders below to time
 the backends side by side and to split the step time between the three ops.
 Every benchmark first checks that the fused backend and the reference give the
 same loss and gradients at the same point.
@@ -15,15 +15,16 @@ same loss and gradients at the same point.
 
 from __future__ import annotations
 
+import itertools
+
+import bench_sampling
+import bench_sparse_extra_adagrad
+import bench_zscore_constraint
 import pytest
 import torch
 
 from distprop_fast.data import IndexedDataset
 from distprop_fast.train import TrainConfig, build
-
-import bench_sampling
-import bench_sparse_extra_adagrad
-import bench_zscore_constraint
 
 MNIST_TRAIN_SIZE = 60_000
 MNIST_CLASSES = 10
@@ -94,18 +95,18 @@ def check_backends_agree(network: str, backend: str, device: str = "cpu") -> Non
         # terms, so their rounding error is relative to the largest entry.
         atol = 1e-5 * max(1.0, want.abs().max().item())
         torch.testing.assert_close(
-            got, want, rtol=1e-4, atol=atol, msg=lambda m: f"dense gradient {i}: {m}"
+            got, want, rtol=1e-4, atol=atol, msg=lambda m, i=i: f"dense gradient {i}: {m}"
         )
     for i, (got, want) in enumerate(zip(got_rows, want_rows)):
-        torch.testing.assert_close(got, want, msg=lambda m: f"row gradient {i}: {m}")
+        torch.testing.assert_close(got, want, msg=lambda m, i=i: f"row gradient {i}: {m}")
 
 
 def op_calls_per_step(formulation, num_examples: int = MNIST_TRAIN_SIZE):
     """List ``(bench module, case, calls per step)`` for the fused ops of one DistProp step.
 
     Each of the two Lagrangian evaluations runs the constraint at every cut and
-    samples every cut once (the inputs of the later blocks and of the loss);
-    the multiplier table of the first cut takes one extrapolation and one
+    samples every cut once, for the inputs of the later blocks and of the loss.
+    The multiplier table of the first cut takes one extrapolation and one
     update, counted as one call.
     """
     classes = formulation.num_classes
@@ -119,7 +120,7 @@ def op_calls_per_step(formulation, num_examples: int = MNIST_TRAIN_SIZE):
             evaluations,
         )
     ]
-    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+    for d_in, d_out in itertools.pairwise(sizes):
         calls.append(
             (bench_sampling, bench_sampling.SamplingCase(classes, d_in, samples), evaluations)
         )

@@ -154,7 +154,7 @@ def check_against_reference(inputs: dict, backend: str) -> None:
             # differently, so the error is relative to the largest entry.
             tolerance = {"rtol": 1e-5, "atol": 1e-5 * max(1.0, want.abs().max().item())}
         torch.testing.assert_close(
-            got, want, **tolerance, msg=lambda m: f"grad {name} ({backend}): {m}"
+            got, want, **tolerance, msg=lambda m, name=name: f"grad {name} ({backend}): {m}"
         )
 
 

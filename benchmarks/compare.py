@@ -22,22 +22,23 @@ import argparse
 import ctypes
 import datetime
 import gc
+import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_sampling  # noqa: E402
-import bench_sparse_extra_adagrad  # noqa: E402
-import bench_step  # noqa: E402
-import bench_zscore_constraint  # noqa: E402
+import bench_sampling
+import bench_sparse_extra_adagrad
+import bench_step
+import bench_zscore_constraint
 
 FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 SECTIONS = ("sampling", "zscore", "sparse", "step")
@@ -54,6 +55,8 @@ STEP_VS_REFERENCE = 1.5
 COPY_FRACTION = 0.6
 # The copy-fraction target of the constraint applies from this feature size on.
 COPY_FRACTION_MIN_FEATURES = 1024
+# Largest table and accumulator, together, for the per-op split of a step.
+SHARE_TABLE_BYTES = 2**30
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def measure(
 
 
 def clone_candidate(traffic_bytes: int, device: torch.device) -> Candidate:
-    """A ``clone`` that reads and writes ``traffic_bytes`` in total (half each way)."""
+    """Build a candidate that clones a tensor, reading and writing ``traffic_bytes`` in total."""
     source = torch.ones(max(1, traffic_bytes // 8), device=device)
 
     def run(timer: PhaseTimer) -> None:
@@ -544,14 +547,20 @@ def step_section(device, fused, budget_s) -> str:
         gc.collect()
     text = "### One DistProp training step (extragradient), batch 256\n\n"
     text += markdown_table(header, rows)
-    text += "\n\n" + op_share_table("mnist-two-block", step_times["mnist-two-block"], device, fused)
+    for network in bench_step.NETWORKS:
+        text += "\n\n" + op_share_table(network, step_times[network], device, fused)
     return text
 
 
 def op_share_table(network: str, step_times: dict, device, fused) -> str:
     """Time each op of one step in isolation at the step's shapes and relate it to the step time."""
     formulation, _ = bench_step.build_step(network, "reference", str(device))
-    calls = bench_step.op_calls_per_step(formulation)
+    # The sparse step costs O(B * d) whatever |D| is, so its table is cut to
+    # 1 GiB (table and accumulator) where 60,000 rows of the cut would not fit.
+    table_rows = min(
+        bench_step.MNIST_TRAIN_SIZE, SHARE_TABLE_BYTES // (8 * formulation.network.cut_sizes[0])
+    )
+    calls = bench_step.op_calls_per_step(formulation, table_rows)
     del formulation
     backends = ["reference", *fused]
     header = ["op", "shape", "calls per step"] + [f"{name} ms per step" for name in backends]
@@ -577,10 +586,14 @@ def op_share_table(network: str, step_times: dict, device, fused) -> str:
         ["share of step in the ops", "", ""]
         + [f"{100 * totals[name] / step_times[name]:.1f}%" for name in backends]
     )
+    reference_ops, reference_step = totals["reference"], step_times["reference"]
+    bound = reference_step / max(reference_step - reference_ops, 1e-12)
     return (
         f"Share of the {network} step spent in the three ops, each op timed alone at the "
         "step's shapes (forward + backward, or extrapolation + update):\n\n"
         + markdown_table(header, rows)
+        + f"\n\nWere the ops free, the {network} step would be at most {bound:.2f}× faster "
+        "than with the reference ops (Amdahl's law on the shares above)."
     )
 
 
@@ -591,13 +604,15 @@ def machine_header(device: torch.device, argv: list[str]) -> str:
     lines = [
         f"- command: `python benchmarks/{Path(argv[0]).name} {' '.join(argv[1:])}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{torch.get_num_threads()} intra-op threads",
+        f"- torch {torch.__version__}, Python {platform.python_version()}",
     ]
     if device.type == "cuda":
         lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
     else:
-        lines.append(f"- CPU: {cpu_model()}, {torch.get_num_threads()} threads")
+        lines.append(
+            f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs, "
+            f"{torch.get_num_threads()} intra-op threads"
+        )
     lines.append(f"- load average at start: {load_average()}")
     return "\n".join(lines)
 

@@ -33,6 +33,16 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_collect_file(file_path, parent):
+    # pytest collects only test_*.py by default; the benchmark files are named bench_*.py.
+    # A file named on the command line is collected by pytest itself.
+    if parent.session.isinitpath(file_path):
+        return None
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
 def _unavailable_reason(backend: str, device: str, op_name: str) -> str | None:
     if device == "cuda" and not torch.cuda.is_available():
         return "--bench-device cuda, but torch sees no CUDA device"
@@ -50,7 +60,7 @@ def pytest_generate_tests(metafunc):
     if "backend" not in metafunc.fixturenames:
         return
     device = metafunc.config.getoption("--bench-device")
-    op_name = getattr(metafunc.module, "OP_NAME")
+    op_name = metafunc.module.OP_NAME
     names = ["reference", *getattr(metafunc.module, "EXTRA_BACKENDS", ()), *FUSED_BACKENDS[device]]
     params = []
     for name in names:
