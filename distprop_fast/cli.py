@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after the first step that ends past this wall time, in minutes")
     p.add_argument("--output-dir", default=None,
                    help="directory for config.json, metrics.jsonl and summary.json")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

@@ -73,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 250
+    max_minutes: float | None = None
     output_dir: str | None = None
     threads: int | None = None
 
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max minutes must be positive, got {self.max_minutes}")
         if self.eval_every < 1:
             raise ValueError(f"eval interval must be at least 1 step, got {self.eval_every}")
         for name in ("lr_weights", "lr_states", "lr_multipliers", "margin"):
@@ -194,7 +197,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def train(config: TrainConfig, progress: bool = True) -> dict:
     """Run one training job and return its summary.
 
-    Writes ``config.json``, ``metrics.jsonl`` (one complete JSON object per line)
+    Training stops after ``config.steps`` steps, or at the first step that ends
+    past ``config.max_minutes`` of wall time (data loading included). Writes ``config.json``, ``metrics.jsonl`` (one complete JSON object per line)
     and ``summary.json`` to ``config.output_dir`` when it is set.
     """
     config = config.resolved()
@@ -222,11 +226,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     last = {}
     test_acc = test_loss = float("nan")
     try:
+        deadline = start + 60.0 * config.max_minutes if config.max_minutes else math.inf
+        steps_done = 0
         for i in range(1, config.steps + 1):
             x, y, index = loader.next_batch()
             stats = step(x.to(device), y.to(device), index.to(device))
+            steps_done = i
+            out_of_time = time.perf_counter() >= deadline
             record = {"step": i, "epoch": loader.epoch, **stats}
-            if i % config.eval_every == 0 or i == config.steps:
+            if i % config.eval_every == 0 or i == config.steps or out_of_time:
                 test_acc, test_loss = evaluate(formulation, test_data, device)
                 record.update(test_accuracy=test_acc, test_loss=test_loss)
                 record["wall_time_s"] = time.perf_counter() - start
@@ -237,6 +245,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{test_acc:.4f}")
+            if out_of_time:
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -248,7 +258,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "method": config.method,
         "dataset": config.dataset,
         "network": config.network,
-        "steps": config.steps,
+        "steps": steps_done,
+        "steps_requested": config.steps,
+        "epochs": loader.epoch,
         "seed": config.seed,
         "test_accuracy": test_acc,
         "test_loss": test_loss,
