@@ -38,7 +38,7 @@ METHOD_DEFAULTS = {
         multiplier_rule="sgd",
     ),
     "distprop": dict(
-        solver="extragradient", lr_weights=3.638e-4, lr_states=0.05649, lr_multipliers=3.725e-7,
+        solver="extragradient", lr_weights=1e-3, lr_states=0.05649, lr_multipliers=3.725e-7,
         margin=0.3967, shrink="hard", samples_per_class=32, noise="fixed",
         weight_rule="adagrad", state_rule="adagrad", multiplier_rule="sgd",
     ),
