@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torchvision-layout data root (default: ${DATA_ENV_VAR}, then ./data)")
     p.add_argument("--download", action="store_true", help="download the data set if missing")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="training length in passes over the training set; replaces --steps")
     p.add_argument("--batch-size", type=int, default=256, help="examples per step (default: %(default)s)")
     p.add_argument("--solver", choices=SOLVERS, default=None, help="saddle-point solver")
     p.add_argument("--lr-weights", type=float, default=None, help="step size of the network weights")

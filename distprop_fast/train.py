@@ -55,6 +55,7 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     steps: int = 300
+    epochs: float | None = None
     batch_size: int = 256
     solver: str | None = None
     lr_weights: float | None = None
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max minutes must be positive, got {self.max_minutes}")
         if self.eval_every < 1:
@@ -207,6 +210,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     start = time.perf_counter()
     train_data = load_dataset(config.dataset, True, config.data_dir, config.download)
     test_data = load_dataset(config.dataset, False, config.data_dir, config.download)
+    if config.epochs is not None:
+        # One epoch is ceil(|D| / B) steps; the last batch of an epoch may be shorter.
+        config.steps = max(1, round(config.epochs * math.ceil(len(train_data) / config.batch_size)))
     formulation, step, generator = build(config, train_data)
     device = torch.device(config.device)
     loader = BatchLoader(train_data, config.batch_size, generator)
