@@ -113,8 +113,10 @@ class TorchAdagradStep:
         index = state["index"].unsqueeze(0)
         size = tuple(state["table"].shape)
         # Uncoalesced, duplicates included, as nn.Embedding(sparse=True) emits them.
-        self.grad = torch.sparse_coo_tensor(index, state["grad"], size)
-        self.grad_lookahead = torch.sparse_coo_tensor(index, state["grad_lookahead"], size)
+        self.grad = torch.sparse_coo_tensor(index, state["grad"], size, check_invariants=True)
+        self.grad_lookahead = torch.sparse_coo_tensor(
+            index, state["grad_lookahead"], size, check_invariants=True
+        )
         self.index = state["index"]
 
     @torch.no_grad()
