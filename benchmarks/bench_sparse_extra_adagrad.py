@@ -2,9 +2,9 @@
 
 Three implementations are timed on one ``(|D|, d)`` table: the fused backends,
 the reference, and ``torch.optim.Adagrad`` fed the sparse gradient that
-``nn.Embedding(sparse=True)`` produces (``torch-adagrad``), with the rows saved
-before its first step and written back before its second, which is what
-ExtraAdagrad needs on top of two plain Adagrad steps.
+``nn.Embedding(sparse=True)`` produces (``torch-adagrad``). The Adagrad
+baseline saves the batch rows before its first step and writes them back
+before its second, which is what ExtraAdagrad adds to two plain Adagrad steps.
 
 ``pytest benchmarks/bench_sparse_extra_adagrad.py`` times them with
 pytest-benchmark; ``benchmarks/compare.py`` imports the cases and builders below
@@ -200,7 +200,7 @@ def check_against_reference(state: dict, backend: str, adagrad=None) -> None:
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: case.id)
 def case_state(request):
-    """One table per case for all backends: allocating 1.3 GB once per test would dominate."""
+    """Build one table per case for all backends: 1.3 GB per test would dominate the run."""
     case = request.param
     device = request.config.getoption("--bench-device")
     max_bytes = int(request.config.getoption("--bench-max-gib") * 2**30)

@@ -78,7 +78,7 @@ CASES = [
 
 
 def make_inputs(case: ZscoreCase, device: str | torch.device = "cpu", seed: int = 0) -> dict:
-    """Build leaves ``a``, ``w_mu``, ``w_sigma`` and ``multipliers`` that require grad, and labels."""
+    """Build labels and the leaves ``a``, ``w_mu``, ``w_sigma``, ``multipliers`` that require grad."""
     generator = torch.Generator().manual_seed(seed)
     b, m, d = case.batch, case.classes, case.features
 
