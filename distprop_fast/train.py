@@ -44,6 +44,21 @@ METHOD_DEFAULTS = {
     ),
 }
 
+# Per data set: the step budget of the authors' runs (300 for the embedded
+# digits, a demo) and, for CIFAR-10, their tuned step sizes and margins.
+DATASET_DEFAULTS = {
+    "digits5k": {"*": dict(steps=300)},
+    "mnist": {"*": dict(steps=6500)},
+    "fashion-mnist": {"*": dict(steps=6500)},
+    "cifar10": {
+        "*": dict(steps=20000),
+        "distprop": dict(
+            margin=0.2471, lr_weights=4.169e-3, lr_states=0.2553, lr_multipliers=9.357e-7
+        ),
+        "extraprop": dict(lr_weights=3.175e-3, lr_states=0.03978, lr_multipliers=2.312e-6),
+    },
+}
+
 
 @dataclass
 class TrainConfig:
@@ -54,7 +69,7 @@ class TrainConfig:
     network: str | None = None
     data_dir: str | None = None
     download: bool = False
-    steps: int = 300
+    steps: int | None = None
     epochs: float | None = None
     batch_size: int = 256
     solver: str | None = None
@@ -83,6 +98,10 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         defaults = dict(METHOD_DEFAULTS[self.method])
+        per_dataset = DATASET_DEFAULTS.get(self.dataset, {})
+        defaults.update(per_dataset.get("*", {}))
+        defaults.update(per_dataset.get(self.method, {}))
+        defaults.setdefault("steps", 300)
         defaults.setdefault("lr_states", 0.0)
         defaults.setdefault("lr_multipliers", 0.0)
         defaults.setdefault("state_rule", "adagrad")
