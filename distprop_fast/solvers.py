@@ -314,10 +314,11 @@ def _check_range(what: str, values: torch.Tensor, bound: int | None, meaning: st
     if values.numel() == 0:
         return
     low, high = values.min().item(), values.max().item()
+    if low < 0 and bound is None:
+        raise ValueError(f"{what} {low} is negative; {what}s must lie in [0, {meaning})")
     if low < 0 or (bound is not None and high >= bound):
         bad = low if low < 0 else high
-        limit = f"[0, {bound})" if bound is not None else "[0, inf)"
         raise ValueError(
-            f"{what} {bad} is outside {limit}, where {bound} is {meaning}; check the data "
-            f"set and that the formulation was built for it"
+            f"{what} {bad} is outside [0, {bound}), where {bound} is {meaning}; check the "
+            "data set and that the formulation was built for it"
         )
