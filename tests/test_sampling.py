@@ -7,7 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distprop_fast.ops import BackendUnavailableError, reference, sample_classes, zscore_constraint
+from distprop_fast.ops import (
+    BackendUnavailableError,
+    reference,
+    resolve_backend,
+    sample_classes,
+    zscore_constraint,
+)
 from distprop_fast.ops._backend import extension_has, kernel_module
 from tests.compare import assert_close
 
@@ -207,3 +213,27 @@ def test_missing_triton_module_is_unavailable():
     pytest.importorskip("triton")
     with pytest.raises(BackendUnavailableError, match="distprop_fast.ops._triton.no_such_kernel"):
         kernel_module("triton", "no_such_kernel")
+
+
+@needs_cpu_kernels
+def test_auto_backend_size_threshold(monkeypatch):
+    from distprop_fast.ops import _backend
+
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setitem(_backend.CPU_AUTO_MIN_ELEMENTS, "sample_classes_fwd", 100)
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, "sample_classes_fwd", 99) == "reference"
+    assert resolve_backend("auto", cpu, "sample_classes_fwd", 100) == "cpu"
+    assert resolve_backend("auto", cpu, "sample_classes_fwd") == "cpu"
+    # An explicit request ignores the threshold.
+    assert resolve_backend("cpu", cpu, "sample_classes_fwd", 1) == "cpu"
+
+
+@needs_cpu_kernels
+def test_auto_backend_below_threshold_matches_reference(monkeypatch):
+    from distprop_fast.ops import _backend
+
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setitem(_backend.CPU_AUTO_MIN_ELEMENTS, "sample_classes_fwd", 10**9)
+    inputs = make_inputs(2, 3, 5, torch.float32)
+    assert torch.equal(sample_classes(*inputs), reference.sample_classes(*inputs))

@@ -72,8 +72,7 @@ def as_index(name: str, tensor: torch.Tensor, size: int, bound_text: str) -> tor
     if tensor.numel() == 0 or tensor.device.type != "cpu" or torch.compiler.is_compiling():
         return tensor
 
-    low = int(tensor.min())
-    high = int(tensor.max())
+    low, high = (int(value) for value in torch.aminmax(tensor))
     if low < 0:
         position = int(torch.argmin(tensor))
         raise ValueError(
@@ -87,6 +86,13 @@ def as_index(name: str, tensor: torch.Tensor, size: int, bound_text: str) -> tor
             f"check that {bound_text} matches the data"
         )
     return tensor
+
+
+def as_dtype_contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return ``tensor`` in ``dtype`` and contiguous, copying only when it is neither."""
+    if tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()
 
 
 def common_float_dtype(*tensors: torch.Tensor) -> torch.dtype:
