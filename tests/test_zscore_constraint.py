@@ -156,6 +156,26 @@ def test_constraint_term_only_gradient():
 
 
 @needs_cpu_kernels
+def test_constraint_defect_only_gradient():
+    # The term takes no gradient, so the backward gets None in its place.
+    a, labels, w_mu, w_sigma, multipliers = make_inputs(9, 4, 6, torch.float32)
+    grad_defect, _ = random_upstream(a, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (a, w_mu, w_sigma)]
+    a_leaf, mu_leaf, sigma_leaf = leaves
+    defect, _ = zscore_constraint(
+        a_leaf, labels, mu_leaf, sigma_leaf, 0.2, multipliers, backend="cpu"
+    )
+    grads = torch.autograd.grad(defect, leaves, grad_defect)
+
+    ref_leaves = [t.clone().requires_grad_() for t in (a, w_mu, w_sigma)]
+    a_ref, mu_ref, sigma_ref = ref_leaves
+    expected, _ = reference.zscore_constraint(a_ref, labels, mu_ref, sigma_ref, 0.2, multipliers)
+    expected_grads = torch.autograd.grad(expected, ref_leaves, grad_defect)
+    for name, got, want in zip(("a", "w_mu", "w_sigma"), grads, expected_grads):
+        assert_close(got, want, torch.float32, f"grad {name} from the defect alone")
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("margin", MARGINS)
 def test_constraint_gradcheck_float64(margin):
     a, labels, w_mu, w_sigma, multipliers = make_inputs(7, 3, 4, torch.float64)

@@ -214,11 +214,15 @@ std::tuple<at::Tensor, at::Tensor> zscore_constraint_fwd_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> zscore_constraint_bwd_cuda(
-    const at::Tensor& grad_defect, const at::Tensor& grad_term, const at::Tensor& a,
-    const at::Tensor& labels, const at::Tensor& w_mu, const at::Tensor& w_sigma, double margin,
-    const std::optional<at::Tensor>& multipliers) {
+    const std::optional<at::Tensor>& grad_defect_or_none, const at::Tensor& grad_term,
+    const at::Tensor& a, const at::Tensor& labels, const at::Tensor& w_mu,
+    const at::Tensor& w_sigma, double margin, const std::optional<at::Tensor>& multipliers) {
   const char* op = "zscore_constraint_bwd";
   check_constraint_inputs(op, a, labels, w_mu, w_sigma, multipliers);
+  // An absent defect gradient (only the term has one) is zero.
+  // NOTE: unlike the CPU kernel, this materialises the zeros.
+  const at::Tensor grad_defect =
+      grad_defect_or_none.has_value() ? *grad_defect_or_none : at::zeros_like(a);
   TORCH_CHECK(grad_defect.sizes() == a.sizes() && grad_defect.scalar_type() == a.scalar_type() &&
                   grad_defect.device() == a.device() && grad_defect.is_contiguous(),
               op, ": grad_defect must be contiguous and match a (shape ", a.sizes(), ", dtype ",

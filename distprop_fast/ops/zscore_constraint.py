@@ -1,9 +1,11 @@
 """z-score hard-shrink constraint fused with the multiplier term ``sum(lambda * g)``.
 
-The reference backend runs as plain PyTorch operations. The fused backends
-(``cpu``, ``cuda``, ``triton``) run behind the custom op
-``distprop_fast::zscore_constraint`` with a fake kernel for ``torch.compile`` and
-the custom op ``distprop_fast::zscore_constraint_bwd`` as its backward.
+The reference backend runs as plain PyTorch operations. Under ``torch.compile`` and
+other tracers the fused backends (``cpu``, ``cuda``, ``triton``) run behind the custom op
+``distprop_fast::zscore_constraint`` with a fake kernel and the custom op
+``distprop_fast::zscore_constraint_bwd`` as its backward. In eager mode an
+autograd function calls the same kernels and backward directly, which saves the
+custom op's dispatch on every call.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import math
 import torch
 
 from distprop_fast.ops import reference
-from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend
+from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend, tracing
 from distprop_fast.ops._checks import (
+    as_dtype_contiguous,
     as_index,
     check_float,
     check_same_device,
@@ -58,7 +61,7 @@ def _(a, labels, w_mu, w_sigma, margin, multipliers, backend):
 
 @torch.library.custom_op("distprop_fast::zscore_constraint_bwd", mutates_args=())
 def _zscore_constraint_bwd_fused(
-    grad_defect: torch.Tensor,
+    grad_defect: torch.Tensor | None,
     grad_term: torch.Tensor,
     a: torch.Tensor,
     labels: torch.Tensor,
@@ -91,28 +94,50 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(a, labels, w_mu, w_sigma, multipliers)
     ctx.margin = margin
     ctx.backend = backend
+    # A training step differentiates the term alone. The unused defect then reaches the
+    # backward as None, not as a (B, d) tensor of zeros that the kernel would read.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_defect, grad_term):
+def _backward_with(bwd, ctx, grad_defect, grad_term):
+    """Compute the input gradients with ``bwd``, the backward op or its kernel."""
     a, labels, w_mu, w_sigma, multipliers = ctx.saved_tensors
-    grads = _zscore_constraint_bwd_fused(
-        grad_defect.contiguous(),
-        grad_term.contiguous(),
-        a,
-        labels,
-        w_mu,
-        w_sigma,
-        ctx.margin,
-        multipliers,
-        ctx.backend,
-    )
+    if grad_defect is not None:
+        grad_defect = grad_defect.contiguous()
+    if grad_term is None:
+        grad_term = a.new_zeros(())
+    grads = bwd(grad_defect, grad_term, a, labels, w_mu, w_sigma, ctx.margin, multipliers)
     grad_a, grad_mu, grad_w_sigma, grad_multipliers = grads
     if multipliers is None:
         grad_multipliers = None
     return grad_a, None, grad_mu, grad_w_sigma, None, grad_multipliers, None
 
 
+def _backward(ctx, grad_defect, grad_term):
+    def bwd(*args):
+        return _zscore_constraint_bwd_fused(*args, ctx.backend)
+
+    return _backward_with(bwd, ctx, grad_defect, grad_term)
+
+
 _zscore_constraint_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ZscoreConstraintFunction(torch.autograd.Function):
+    """The fused op for eager mode: the custom op's kernels and backward, called
+    without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(a, labels, w_mu, w_sigma, margin, multipliers, backend):
+        kernels = kernel_module(backend, KERNEL)
+        return kernels.zscore_constraint_fwd(a, labels, w_mu, w_sigma, margin, multipliers)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_defect, grad_term):
+        bwd = kernel_module(ctx.backend, KERNEL).zscore_constraint_bwd
+        return _backward_with(bwd, ctx, grad_defect, grad_term)
 
 
 def _check_inputs(a, labels, w_mu, w_sigma, margin, multipliers) -> torch.Tensor:
@@ -173,19 +198,23 @@ def zscore_constraint(
         BackendUnavailableError: the requested backend cannot run here.
     """
     labels = _check_inputs(a, labels, w_mu, w_sigma, margin, multipliers)
-    chosen = resolve_backend(backend, a.device, "zscore_constraint_fwd")
+    chosen = resolve_backend(backend, a.device, "zscore_constraint_fwd", a.numel())
     if chosen == "reference":
         return reference.zscore_constraint(a, labels, w_mu, w_sigma, margin, multipliers)
 
     dtype = common_float_dtype(a, w_mu, w_sigma)
     if multipliers is not None:
         multipliers = multipliers.contiguous()
-    return _zscore_constraint_fused(
-        a.to(dtype).contiguous(),
+    args = (
+        as_dtype_contiguous(a, dtype),
         labels,
-        w_mu.to(dtype).contiguous(),
-        w_sigma.to(dtype).contiguous(),
+        as_dtype_contiguous(w_mu, dtype),
+        as_dtype_contiguous(w_sigma, dtype),
         float(margin),
         multipliers,
         chosen,
     )
+    # Tracers need the custom op, which has a fake kernel; eager mode skips it.
+    if tracing():
+        return _zscore_constraint_fused(*args)
+    return _ZscoreConstraintFunction.apply(*args)
