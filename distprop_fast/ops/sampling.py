@@ -1,10 +1,12 @@
 """Per-class re-parameterised sampling ``S = W_mu[c] + E * softplus(W_sigma[c])``.
 
 The reference backend runs as plain PyTorch operations, so autograd and
-``torch.compile`` see through it. The fused backends (``cpu``, ``cuda``,
-``triton``) run behind the custom op ``distprop_fast::sample_classes``, whose fake
-kernel lets ``torch.compile`` trace it without a graph break and whose backward
-is the custom op ``distprop_fast::sample_classes_bwd``.
+``torch.compile`` see through it. Under ``torch.compile`` and other tracers the
+fused backends (``cpu``, ``cuda``, ``triton``) run behind the custom op
+``distprop_fast::sample_classes``, whose fake kernel lets ``torch.compile`` trace
+it without a graph break and whose backward is the custom op
+``distprop_fast::sample_classes_bwd``. In eager mode an autograd function calls
+the same kernels and backward directly, which saves the custom op's dispatch.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from distprop_fast.ops import reference
-from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend
+from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend, tracing
 from distprop_fast.ops._checks import (
+    as_dtype_contiguous,
     check_float,
     check_same_device,
     check_shape,
@@ -61,11 +64,10 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_samples):
+def _backward_with(bwd, ctx, grad_samples):
+    """Compute the input gradients with ``bwd``, the backward op or its kernel."""
     w_sigma, noise = ctx.saved_tensors
-    grad_mu, grad_w_sigma = _sample_classes_bwd_fused(
-        grad_samples.contiguous(), w_sigma, noise, ctx.backend
-    )
+    grad_mu, grad_w_sigma = bwd(grad_samples.contiguous(), w_sigma, noise)
     # The noise is usually a fixed buffer, so its gradient dS * sigma[c] is computed
     # only on request.
     grad_noise = None
@@ -74,7 +76,30 @@ def _backward(ctx, grad_samples):
     return grad_mu, grad_w_sigma, grad_noise, None
 
 
+def _backward(ctx, grad_samples):
+    def bwd(*args):
+        return _sample_classes_bwd_fused(*args, ctx.backend)
+
+    return _backward_with(bwd, ctx, grad_samples)
+
+
 _sample_classes_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SampleClassesFunction(torch.autograd.Function):
+    """The fused op for eager mode: the custom op's kernels and backward, called
+    without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(w_mu, w_sigma, noise, backend):
+        return kernel_module(backend, KERNEL).sample_classes_fwd(w_mu, w_sigma, noise)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_samples):
+        bwd = kernel_module(ctx.backend, KERNEL).sample_classes_bwd
+        return _backward_with(bwd, ctx, grad_samples)
 
 
 def _check_inputs(w_mu: torch.Tensor, w_sigma: torch.Tensor, noise: torch.Tensor) -> None:
@@ -112,16 +137,20 @@ def sample_classes(
         BackendUnavailableError: the requested backend cannot run here.
     """
     _check_inputs(w_mu, w_sigma, noise)
-    chosen = resolve_backend(backend, w_mu.device, "sample_classes_fwd")
+    chosen = resolve_backend(backend, w_mu.device, "sample_classes_fwd", noise.numel())
     if chosen == "reference":
         return reference.sample_classes(w_mu, w_sigma, noise)
 
     # The kernels read one storage dtype, so mixed inputs are promoted as the
     # reference would promote them.
     dtype = common_float_dtype(w_mu, w_sigma, noise)
-    return _sample_classes_fused(
-        w_mu.to(dtype).contiguous(),
-        w_sigma.to(dtype).contiguous(),
-        noise.to(dtype).contiguous(),
+    args = (
+        as_dtype_contiguous(w_mu, dtype),
+        as_dtype_contiguous(w_sigma, dtype),
+        as_dtype_contiguous(noise, dtype),
         chosen,
     )
+    # Tracers need the custom op, which has a fake kernel; eager mode skips it.
+    if tracing():
+        return _sample_classes_fused(*args)
+    return _SampleClassesFunction.apply(*args)
