@@ -18,11 +18,20 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
+
+#include "simd_clones.h"
 
 namespace {
 
-constexpr int64_t kGrainElements = 16384;
+// Minimum number of row elements per parallel chunk, so that a small batch runs on the
+// calling thread alone.
+constexpr int64_t kGrainElements = 32768;
+// Rows requested from memory ahead of the one being updated, and how much of each.
+constexpr int64_t kPrefetchRuns = 8;
+constexpr int64_t kPrefetchBytesPerRow = 1024;
+constexpr int64_t kCacheLineBytes = 64;
 
 #define DISPATCH_FLOAT_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
@@ -82,6 +91,47 @@ void group_duplicates(const int64_t* idx, int64_t batch, std::vector<int64_t>& o
   run_starts.push_back(batch);
 }
 
+// Adagrad step of one table row with its summed gradient g (d,).
+template <typename table_t, typename accum_t, typename opmath_t>
+DISTPROP_ALWAYS_INLINE void step_row(const opmath_t* __restrict__ g, opmath_t signed_lr,
+                                     opmath_t eps, int64_t d, table_t* __restrict__ row,
+                                     accum_t* __restrict__ acc_row) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) {
+    const opmath_t acc = static_cast<opmath_t>(acc_row[j]) + g[j] * g[j];
+    acc_row[j] = static_cast<accum_t>(acc);
+    const opmath_t step = signed_lr * g[j] / (std::sqrt(acc) + eps);
+    row[j] = static_cast<table_t>(static_cast<opmath_t>(row[j]) + step);
+  }
+}
+
+// Requests the first bytes of a row that a later iteration reads and writes. The
+// rows of a large table are scattered, so without this each row waits for its own
+// memory miss. The hardware prefetcher streams the rest of a long row.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* start = static_cast<const char*>(row);
+  const int64_t limit = std::min<int64_t>(bytes, kPrefetchBytesPerRow);
+  for (int64_t offset = 0; offset < limit; offset += kCacheLineBytes) {
+    __builtin_prefetch(start + offset, /*rw=*/1, /*locality=*/3);
+  }
+}
+
+}  // namespace
+
+// float32 instance of step_row, compiled once per ISA (see simd_clones.h). It has
+// external linkage because target_clones needs it.
+namespace distprop::cpu {
+
+DISTPROP_SIMD_CLONES
+void sparse_extra_adagrad_row_f32(const float* g, float signed_lr, float eps, int64_t d,
+                                  float* row, float* acc_row) {
+  step_row<float, float, float>(g, signed_lr, eps, d, row, acc_row);
+}
+
+}  // namespace distprop::cpu
+
+namespace {
+
 template <typename table_t, typename accum_t>
 void step_kernel(const at::Tensor& table, const at::Tensor& accum, const int64_t* idx,
                  const at::Tensor& grad, const at::Tensor& saved, double lr, double eps,
@@ -108,39 +158,50 @@ void step_kernel(const at::Tensor& table, const at::Tensor& accum, const int64_t
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, d));
   at::parallel_for(0, n_runs, grain, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> summed(d);
+    for (int64_t run = begin; run < std::min(end, begin + kPrefetchRuns); ++run) {
+      const int64_t r = idx[order[run_starts[run]]];
+      prefetch_row(table_ptr + r * table_stride, d * sizeof(table_t));
+      prefetch_row(accum_ptr + r * accum_stride, d * sizeof(accum_t));
+    }
     for (int64_t run = begin; run < end; ++run) {
+      if (run + kPrefetchRuns < end) {
+        const int64_t ahead = idx[order[run_starts[run + kPrefetchRuns]]];
+        prefetch_row(table_ptr + ahead * table_stride, d * sizeof(table_t));
+        prefetch_row(accum_ptr + ahead * accum_stride, d * sizeof(accum_t));
+      }
       const int64_t first = run_starts[run];
       const int64_t last = run_starts[run + 1];
       const int64_t r = idx[order[first]];
       table_t* row = table_ptr + r * table_stride;
       accum_t* acc_row = accum_ptr + r * accum_stride;
-      std::fill(summed.begin(), summed.end(), opmath_t(0));
 
-      for (int64_t k = first; k < last; ++k) {
-        const int64_t b = order[k];
-        if (!update_phase) {
-          std::copy(row, row + d, saved_ptr + b * d);
-        }
-        const opmath_t* grad_row = grad_ptr + b * d;
+      // The summed gradient of the run; a single row's gradient is used as it is.
+      const opmath_t* g = grad_ptr + order[first] * d;
+      if (last - first > 1) {
+        std::fill(summed.begin(), summed.end(), opmath_t(0));
+        for (int64_t k = first; k < last; ++k) {
+          const opmath_t* grad_row = grad_ptr + order[k] * d;
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) {
-          summed[j] += grad_row[j];
+          for (int64_t j = 0; j < d; ++j) {
+            summed[j] += grad_row[j];
+          }
         }
+        g = summed.data();
       }
       if (update_phase) {
         // Duplicates carry copies of one original row. The last one is written,
         // as a sequential index_put_ would.
         std::copy(saved_ptr + order[last - 1] * d, saved_ptr + order[last - 1] * d + d, row);
+      } else {
+        for (int64_t k = first; k < last; ++k) {
+          std::copy(row, row + d, saved_ptr + order[k] * d);
+        }
       }
 
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) {
-        const opmath_t g = summed[j];
-        const opmath_t acc = static_cast<opmath_t>(acc_row[j]) + g * g;
-        acc_row[j] = static_cast<accum_t>(acc);
-        const opmath_t value =
-            static_cast<opmath_t>(row[j]) + signed_lr * g / (std::sqrt(acc) + eps_op);
-        row[j] = static_cast<table_t>(value);
+      if constexpr (std::is_same_v<table_t, float> && std::is_same_v<accum_t, float>) {
+        distprop::cpu::sparse_extra_adagrad_row_f32(g, signed_lr, eps_op, d, row, acc_row);
+      } else {
+        step_row(g, signed_lr, eps_op, d, row, acc_row);
       }
     }
   });

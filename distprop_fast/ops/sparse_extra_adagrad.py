@@ -1,9 +1,10 @@
 """ExtraAdagrad half-step on sparse rows of a ``(|D|, d)`` table, in place.
 
-The fused backends (``cpu``, ``cuda``, ``triton``) run behind the custom op
-``distprop_fast::sparse_extra_adagrad_``, which declares that it mutates the
-table, the accumulator and the saved rows. Their work and temporary memory are
-``O(B * d)``: nothing proportional to ``|D|`` is read, written or allocated.
+Under ``torch.compile`` and other tracers the fused backends (``cpu``, ``cuda``,
+``triton``) run behind the custom op ``distprop_fast::sparse_extra_adagrad_``,
+which declares that it mutates the table, the accumulator and the saved rows.
+Eager mode calls the kernels directly. Their work and temporary memory are ``O(B * d)``: nothing
+proportional to ``|D|`` is read, written or allocated.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import torch
 
 from distprop_fast.ops import reference
-from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend
+from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend, tracing
 from distprop_fast.ops._checks import as_index, check_float, check_same_device, check_shape
 
 KERNEL = "sparse_extra_adagrad"
@@ -140,7 +141,7 @@ def sparse_extra_adagrad_(
         BackendUnavailableError: the requested backend cannot run here.
     """
     index = _check_inputs(table, accum, index, grad, lr, eps, phase, saved)
-    chosen = resolve_backend(backend, table.device, "sparse_extra_adagrad_")
+    chosen = resolve_backend(backend, table.device, "sparse_extra_adagrad_", grad.numel())
 
     # An optimiser step is not part of the graph, also when table is a leaf that
     # requires grad.
@@ -156,7 +157,7 @@ def sparse_extra_adagrad_(
             rows = saved.to(table.dtype).contiguous()
         else:
             rows = table.new_empty((index.shape[0], table.shape[1]))
-        _sparse_extra_adagrad_fused(
+        args = (
             table,
             accum,
             index,
@@ -166,6 +167,12 @@ def sparse_extra_adagrad_(
             float(eps),
             update_phase,
             bool(maximize),
-            chosen,
         )
+        if tracing():
+            _sparse_extra_adagrad_fused(*args, chosen)
+        else:
+            # Eager mode skips the custom op's dispatch, so it bumps the version
+            # counters of the written tensors itself, as the custom op would.
+            kernel_module(chosen, KERNEL).sparse_extra_adagrad_(*args)
+            torch.autograd.graph.increment_version((table, accum, rows))
     return saved if update_phase else rows
