@@ -237,3 +237,20 @@ def test_auto_backend_below_threshold_matches_reference(monkeypatch):
     monkeypatch.setitem(_backend.CPU_AUTO_MIN_ELEMENTS, "sample_classes_fwd", 10**9)
     inputs = make_inputs(2, 3, 5, torch.float32)
     assert torch.equal(sample_classes(*inputs), reference.sample_classes(*inputs))
+
+
+@needs_cpu_kernels
+def test_sampling_softplus_wide_range():
+    # With W_mu = 0 and E = 1 the samples are softplus(W_sigma) itself, which the CPU
+    # kernels compute without libm. Check it against float64 across its whole range.
+    w_sigma = torch.linspace(-110.0, 40.0, 150_001).reshape(1, -1)
+    w_mu = torch.zeros_like(w_sigma)
+    noise = torch.ones(1, *w_sigma.shape)
+    samples = sample_classes(w_mu, w_sigma, noise, backend="cpu")[0].double()
+    expected = torch.nn.functional.softplus(w_sigma.double())
+
+    normal = w_sigma >= -87
+    relative = (samples[normal] - expected[normal]).abs() / expected[normal]
+    assert relative.max() <= 1e-6, f"max relative error {relative.max():.3e}"
+    assert (samples[~normal] - expected[~normal]).abs().max() <= 1e-37
+    assert (samples > 0).all()

@@ -121,20 +121,20 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
-# Smallest call, in elements of its largest (B, d) or (N, M, d) operand, for which
-# "auto" runs the C++ kernel of an op on the CPU. Below it the reference runs,
-# because its few ATen calls cost less than the fused op's fixed cost per call.
-# Forward + backward at 1 thread on a 2-CPU AMD EPYC (AVX-512) with torch 2.14.1:
-# - sampling: the fused op was 0.5-0.85x the reference below 100k elements,
-#   about 1.0x at 330k-510k and 1.3-1.7x from 400k elements at N=32. At N=1 both
-#   spend most of their time in ATen's softplus and its derivative, so they tie
-#   (0.9-1.0x) at every size, and the kernel runs there.
+# Smallest call for which "auto" runs the C++ kernel of an op on the CPU, in
+# elements of (M, d) for sampling and of (B, d) for the other two ops. Below it the
+# reference runs, because its few ATen calls cost less than the fused op's fixed
+# cost per call. Forward + backward at 1 thread on a 2-CPU AMD EPYC (AVX-512) with
+# torch 2.14.1:
+# - sampling: the kernel was 0.6-0.96x the reference up to M * d = 1,600 (any N up
+#   to 32), and 1.3-3.8x from M * d = 10,240 on, because there the reference's
+#   softplus dominates.
 # - constraint: 0.8-1.0x below 16k elements of (B, d), 1.4x and more from 32k.
 # - sparse step: the kernel was faster at every measured size.
 # NOTE: measured with other jobs sharing the machine (load average about 5), so
 # the crossovers are estimates to within a factor of about 2.
 CPU_AUTO_MIN_ELEMENTS = {
-    "sample_classes_fwd": 400_000,
+    "sample_classes_fwd": 8_192,
     "zscore_constraint_fwd": 32_768,
     "sparse_extra_adagrad_": 0,
 }
@@ -149,9 +149,9 @@ def resolve_backend(
         requested: one of :data:`BACKENDS`, or ``None`` for ``"auto"``.
         device: the device of the op's tensors.
         op_name: the C++ op whose registered kernels decide what is available.
-        elements: size of the call, in elements of its largest operand. ``"auto"``
-            runs the reference on the CPU below ``CPU_AUTO_MIN_ELEMENTS[op_name]``;
-            ``None`` skips that rule.
+        elements: size of the call as ``CPU_AUTO_MIN_ELEMENTS`` counts it. ``"auto"``
+            runs the reference on the CPU below ``CPU_AUTO_MIN_ELEMENTS[op_name]``,
+            and ``None`` skips that rule.
 
     Raises:
         ValueError: ``requested`` is not one of :data:`BACKENDS`.

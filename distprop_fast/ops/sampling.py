@@ -137,7 +137,7 @@ def sample_classes(
         BackendUnavailableError: the requested backend cannot run here.
     """
     _check_inputs(w_mu, w_sigma, noise)
-    chosen = resolve_backend(backend, w_mu.device, "sample_classes_fwd", noise.numel())
+    chosen = resolve_backend(backend, w_mu.device, "sample_classes_fwd", w_mu.numel())
     if chosen == "reference":
         return reference.sample_classes(w_mu, w_sigma, noise)
 
