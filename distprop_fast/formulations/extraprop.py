@@ -52,8 +52,10 @@ class ExtraProp(Formulation):
         super().__init__()
         if shrink_kind not in SHRINKS:
             raise ValueError(f"shrink must be one of {SHRINKS}, got {shrink_kind!r}")
-        if margin < 0:
-            raise ValueError(f"margin must be non-negative, got {margin}")
+        if not margin >= 0:
+            raise ValueError(f"margin must be a number >= 0, got {margin}")
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be at least 1, got {num_examples}")
         self.network = network
         self.margin = float(margin)
         self.shrink_kind = shrink_kind

@@ -191,7 +191,8 @@ def resolve_backend(
     if requested == "cuda":
         if device.type != "cuda":
             raise BackendUnavailableError(
-                f"backend='cuda' runs on CUDA tensors, got a tensor on {device}"
+                f"backend='cuda' runs on CUDA tensors, got a tensor on {device}; pass "
+                "--device cuda (a CUDA device is required) or use backend='auto'"
             )
         if not extension_has(op_name, "CUDA"):
             raise BackendUnavailableError(
