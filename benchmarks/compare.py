@@ -706,11 +706,13 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     parts = [machine_header(device, argv)]
     print(parts[0], flush=True)
+    # "auto" rows show which backend a default call gets and what it costs.
+    with_auto = [*fused, "auto"]
     if "sampling" in args.sections:
-        parts.append(sampling_section(device, fused, args.budget, max_bytes))
+        parts.append(sampling_section(device, with_auto, args.budget, max_bytes))
         print("\n" + parts[-1], flush=True)
     if "zscore" in args.sections:
-        parts.append(zscore_section(device, fused, args.budget, max_bytes))
+        parts.append(zscore_section(device, with_auto, args.budget, max_bytes))
         print("\n" + parts[-1], flush=True)
     if "sparse" in args.sections:
         parts.append(sparse_section(device, fused, args.budget, max_bytes))
