@@ -1,5 +1,5 @@
 # Fresh-machine entry points. Each target creates .venv and installs what it needs.
-#   make demo   train DistProp on the embedded digits (about 4 minutes on 2 cores)
+#   make demo   train DistProp on the embedded digits (300 steps, minutes on 2 cores)
 #   make test   run the test suite
 VENV ?= .venv
 PYTHON ?= python3
