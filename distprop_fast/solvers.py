@@ -6,9 +6,9 @@ variables (Gaussians), multipliers, and per-example state tables. Weights and
 states descend the Lagrangian, multipliers ascend it.
 
 ExtraAdagrad accumulator semantics: the squared-gradient accumulator is updated
-at the extrapolation *and* at the update, and never restored; each half-step
-divides by the square root of the accumulator at that moment. Only the
-parameter values are restored before the update half-step.
+at the extrapolation *and* at the update, and it is never restored. Each
+half-step divides by the square root of the accumulator at that moment. Only
+the parameter values are restored before the update half-step.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class DenseStepRule:
                 p.add_(g, alpha=self.sign * self.config.lr)
 
     def step(self, grads) -> None:
-        """A plain step (GDA)."""
+        """Take one plain step from the current point (GDA)."""
         self._step(grads)
 
     @torch.no_grad()

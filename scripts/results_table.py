@@ -2,7 +2,7 @@
 
 Usage: python scripts/results_table.py RUN_DIR [RUN_DIR ...] [--csv curves.csv]
 
-Each RUN_DIR holds the config.json, metrics.jsonl and summary.json of one
+Each RUN_DIR contains the config.json, metrics.jsonl and summary.json of one
 ``distprop-train --output-dir RUN_DIR`` run.
 """
 

@@ -18,7 +18,7 @@ class SparseTable:
     Attributes:
         name: a name such as ``"multipliers/cut1"``.
         table: the values, shape ``(|D|, d)``; never a Parameter, so autograd
-            never sees the whole table.
+            never tracks the whole table.
         role: ``"state"`` (primal, descended) or ``"multiplier"`` (dual, ascended).
     """
 
@@ -29,7 +29,7 @@ class SparseTable:
 
 @dataclass
 class Terms:
-    """What one evaluation of the Lagrangian returns.
+    """The result of one evaluation of the Lagrangian.
 
     Attributes:
         loss: the mean classification loss.
