@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from distprop_fast import ops
-from distprop_fast.formulations.base import Formulation, SparseTable, Terms
+from distprop_fast.formulations.base import Formulation, SparseTable, Terms, zeros_table
 
 SOLVERS = ("gda", "extragradient")
 STEP_RULES = ("adagrad", "sgd")
@@ -86,9 +86,6 @@ class DenseStepRule:
         self._saved = None
         self._step(grads)
 
-    def state_dict(self) -> dict:
-        return {"accums": self.accums}
-
 
 class SparseRowStepRule:
     """(Extra)Adagrad or (extra)SGD on batch rows of a ``(|D|, d)`` table.
@@ -104,8 +101,6 @@ class SparseRowStepRule:
         self.backend = backend
         self.accum = None
         if config.rule == "adagrad":
-            from distprop_fast.formulations.base import zeros_table
-
             self.accum = zeros_table(*table.table.shape, dtype=table.table.dtype)
         self._saved: torch.Tensor | None = None
 
