@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from distprop_fast.data import DATA_ENV_VAR, DATASETS, DatasetNotFoundError
 from distprop_fast.formulations.distprop import GAUSSIAN_INITS, NOISE_MODES
 from distprop_fast.formulations.extraprop import SHRINKS
 from distprop_fast.models import NETWORKS
 from distprop_fast.ops import BACKENDS, BackendUnavailableError
-from distprop_fast.solvers import SOLVERS, STEP_RULES, NonFiniteError
-from distprop_fast.train import METHODS, TrainConfig, train
+from distprop_fast.checkpoint import CheckpointError
+from distprop_fast.solvers import SOLVERS, STEP_RULES, DivergenceError
+from distprop_fast.train import DEFAULT_CHECKPOINT_EVERY, METHODS, TrainConfig, train
+
+# Options that are not TrainConfig fields.
+_RUN_OPTIONS = ("no_progress", "resume", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,17 +67,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None,
                    help="directory for config.json, metrics.jsonl and summary.json")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints in --output-dir; 0 turns them off "
+                   f"(default: {DEFAULT_CHECKPOINT_EVERY} with --output-dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its newest checkpoint "
+                   "(starts over when there is none)")
+    p.add_argument("--max-multiplier-norm", type=float, default=1e6,
+                   help="stop the run when a multiplier norm over a batch exceeds this "
+                   "(default: %(default)g)")
+    p.add_argument("--config", default=None,
+                   help="JSON file of training options (keys as in config.json); "
+                   "options given on the command line override it")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    fields = {k: v for k, v in vars(args).items() if k != "no_progress"}
+def _explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Return the destinations of the options given on the command line."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = True
+            probe.add_argument(*action.option_strings, **kwargs)
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def _load_config_file(path: str) -> dict:
     try:
-        summary = train(TrainConfig(**fields), progress=not args.no_progress)
-    except (DatasetNotFoundError, BackendUnavailableError, NonFiniteError, ValueError) as err:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read the config file {path}: {err.strerror}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the config file {path} is not valid JSON: {err}") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fields = {k: v for k, v in vars(args).items() if k not in _RUN_OPTIONS}
+    try:
+        if args.config is not None:
+            given = _explicit_options(parser, argv)
+            from_file = _load_config_file(args.config)
+            TrainConfig.from_dict(from_file, source=f"the config file {args.config}")
+            fields = {**fields, **{k: v for k, v in from_file.items() if k not in given}}
+        summary = train(TrainConfig(**fields), progress=not args.no_progress, resume=args.resume)
+    except DivergenceError as err:
+        print(f"distprop-train: diverged: {err}", file=sys.stderr)
+        return 3
+    except (DatasetNotFoundError, BackendUnavailableError, CheckpointError, ValueError) as err:
         print(f"distprop-train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = fields.get("output_dir")
+        hint = f"; continue it with --resume --output-dir {where}" if where else ""
+        print(f"distprop-train: interrupted{hint}", file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0

@@ -178,6 +178,27 @@ class BatchLoader:
         self._position += index.numel()
         return self.data.x[index], self.data.y[index], index
 
+    def state_dict(self) -> dict:
+        """Return the epoch, the epoch's permutation and the position in it.
+
+        The generator's state is not included: the trainer saves it once, because
+        the formulation may share it.
+        """
+        return {"epoch": self.epoch, "order": self._order.clone(), "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state["order"]
+        if order.numel() not in (0, len(self.data)):
+            raise ValueError(
+                f"the saved data order has {order.numel()} entries but the data set has "
+                f"{len(self.data)} examples; resume with the same data set"
+            )
+        if not 0 <= state["position"] <= order.numel():
+            raise ValueError(f"the saved data position {state['position']} is out of range")
+        self.epoch = int(state["epoch"])
+        self._order = order.clone()
+        self._position = int(state["position"])
+
 
 def iterate_in_order(data: IndexedDataset, batch_size: int):
     """Yield ``(x, y, index)`` over the whole split in order (evaluation, initialisation)."""

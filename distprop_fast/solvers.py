@@ -1,4 +1,4 @@
-"""Saddle-point solvers (GDA, extragradient) with Adagrad or SGD step rules.
+"""Saddle-point solvers (GDA, extragradient, extrapolation from the past) with Adagrad or SGD step rules.
 
 One :class:`SaddlePointStep` call performs one step on a batch. Each group of
 variables has its own step size and rule: network weights, other dense primal
@@ -21,12 +21,34 @@ import torch
 from distprop_fast import ops
 from distprop_fast.formulations.base import Formulation, SparseTable, Terms, zeros_table
 
-SOLVERS = ("gda", "extragradient")
+SOLVERS = ("gda", "extragradient", "past-extragradient")
 STEP_RULES = ("adagrad", "sgd")
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss, Lagrangian or defect became NaN or infinite."""
+class DivergenceError(FloatingPointError):
+    """A run left the region where its iterates mean anything.
+
+    Attributes:
+        quantity: what failed the guard, such as ``"loss"`` or ``"multiplier norm"``.
+        step: the 1-based step at which it was seen.
+        cut: the cut it belongs to, or ``None`` for whole-network quantities.
+    """
+
+    def __init__(self, message: str, quantity: str, step: int, cut: str | None = None):
+        super().__init__(message)
+        self.quantity = quantity
+        self.step = step
+        self.cut = cut
+
+
+class NonFiniteError(DivergenceError):
+    """A loss, Lagrangian, defect or multiplier became NaN or infinite."""
+
+
+_DIVERGENCE_ADVICE = (
+    "Try a smaller multiplier step size (--lr-multipliers), smaller primal step sizes "
+    "(--lr-weights, --lr-states) or, with shrunk constraints, a larger margin (--margin)"
+)
 
 
 @dataclass
@@ -86,6 +108,27 @@ class DenseStepRule:
         self._saved = None
         self._step(grads)
 
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the point saved by :meth:`extrapolate` back, without a step."""
+        if self._saved is None:
+            raise RuntimeError("restore() needs a preceding extrapolate()")
+        for p, saved in zip(self.params, self._saved):
+            p.copy_(saved)
+        self._saved = None
+
+    def state_dict(self) -> dict:
+        return {"accums": list(self.accums), "saved": self._saved}
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        _copy_tensors(self.accums, state["accums"], f"{where} accumulators")
+        saved = state["saved"]
+        if saved is None:
+            self._saved = None
+        else:
+            self._saved = [p.detach().clone() for p in self.params]
+            _copy_tensors(self._saved, saved, f"{where} extrapolation buffers")
+
 
 class SparseRowStepRule:
     """(Extra)Adagrad or (extra)SGD on batch rows of a ``(|D|, d)`` table.
@@ -129,23 +172,54 @@ class SparseRowStepRule:
         self._half_step(index, grad, "update", self._saved)
         self._saved = None
 
+    @torch.no_grad()
+    def restore(self, index) -> None:
+        """Write the rows saved by :meth:`extrapolate` at ``index`` back, without a step.
+
+        ``index`` must be the one given to :meth:`extrapolate` and hold no duplicates.
+        """
+        if self._saved is None:
+            raise RuntimeError("restore() needs a preceding extrapolate()")
+        self.table.table[index] = self._saved
+        self._saved = None
+
+    def state_dict(self) -> dict:
+        return {"accum": self.accum, "saved": self._saved}
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        if (self.accum is None) != (state["accum"] is None):
+            raise ValueError(
+                f"{where}: the checkpoint was written with a different step rule "
+                f"(accumulator {'absent' if state['accum'] is None else 'present'})"
+            )
+        if self.accum is not None:
+            _copy_tensors([self.accum], [state["accum"]], f"{where} accumulator")
+        saved = state["saved"]
+        self._saved = None if saved is None else saved.clone()
+
 
 class SaddlePointStep:
-    """One GDA or extragradient step of a formulation on a batch.
+    """One GDA, extragradient or past-extragradient step of a formulation on a batch.
 
     Args:
         formulation: the problem (:class:`~distprop_fast.formulations.Formulation`).
-        solver: ``"gda"`` or ``"extragradient"``.
+        solver: ``"gda"``, ``"extragradient"`` or ``"past-extragradient"``
+            (extrapolation from the past: one gradient evaluation per step).
         weights: step rule for the network weights.
         states: step rule for dense primal variables and state tables.
         multipliers: step rule for all multipliers.
         num_examples: ``|D|``; batch indices must lie in ``[0, |D|)``.
         num_classes: ``M``; labels must lie in ``[0, M)``.
         backend: implementation of the fused ops.
+        max_multiplier_norm: divergence guard; a step whose multiplier norm at
+            any cut exceeds it raises :class:`DivergenceError`. ``None`` disables it.
 
     Calling the object with ``(x, y, index)`` performs one step and returns the
-    statistics of the current point: ``loss``, ``lagrangian``, and per cut the
-    mean absolute defect and the multiplier norm over the batch rows.
+    statistics of the point where the gradient was evaluated (the current point,
+    or for ``"past-extragradient"`` the look-ahead point): ``loss``,
+    ``lagrangian``, and per cut the mean absolute defect and the multiplier norm
+    over the batch rows. A non-finite loss, Lagrangian, defect or multiplier
+    raises :class:`NonFiniteError` before any variable changes.
     """
 
     def __init__(
@@ -158,6 +232,7 @@ class SaddlePointStep:
         num_examples: int | None = None,
         num_classes: int | None = None,
         backend: str = "auto",
+        max_multiplier_norm: float | None = None,
     ):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -166,6 +241,11 @@ class SaddlePointStep:
         self.num_examples = num_examples
         self.num_classes = num_classes
         self.step_count = 0
+        if max_multiplier_norm is not None and not max_multiplier_norm > 0:
+            raise ValueError(
+                f"max_multiplier_norm must be a positive number or None, got {max_multiplier_norm}"
+            )
+        self.max_multiplier_norm = max_multiplier_norm
         weights = weights or StepRuleConfig(1e-3)
         states = states or StepRuleConfig(1e-2)
         multipliers = multipliers or StepRuleConfig(1e-6, "sgd")
@@ -190,6 +270,13 @@ class SaddlePointStep:
         ]
         self._param_device = next(formulation.parameters()).device
         self._check_sizes(num_examples, num_classes)
+        # Extrapolation from the past: the look-ahead gradient of the previous
+        # step, dense and, for each table, per row (the last gradient the row saw).
+        self._past_dense: list[torch.Tensor | None] | None = None
+        self._past_rows: list[torch.Tensor] = []
+        if solver == "past-extragradient":
+            self._past_dense = [None] * len(self.dense_params)
+            self._past_rows = [zeros_table(*t.table.shape) for t in self.tables]
 
     # -- checks ----------------------------------------------------------------
 
@@ -257,14 +344,37 @@ class SaddlePointStep:
         return terms, rows, dense_grads, row_grads
 
     def _check_finite(self, terms: Terms) -> None:
-        checks = [("loss", terms.loss), ("Lagrangian", terms.lagrangian)]
-        checks += [(f"defect at {cut}", g) for cut, g in terms.defects.items()]
-        for what, value in checks:
+        checks = [("loss", None, terms.loss), ("Lagrangian", None, terms.lagrangian)]
+        checks += [("defect", cut, g) for cut, g in terms.defects.items()]
+        for quantity, cut, value in checks:
             if not torch.isfinite(value).all():
+                where = f" at {cut}" if cut else ""
+                step = self.step_count + 1
                 raise NonFiniteError(
-                    f"{what} is not finite at step {self.step_count + 1}; the run diverged. "
-                    "Try smaller step sizes (--lr-weights, --lr-states, --lr-multipliers) "
-                    "or, with constraints, a larger margin"
+                    f"{quantity}{where} is not finite at step {step}; the run diverged. "
+                    + _DIVERGENCE_ADVICE,
+                    quantity, step, cut,
+                )
+
+    def _check_multipliers(self, stats: dict[str, float]) -> None:
+        step = self.step_count + 1
+        for key, norm in stats.items():
+            if not key.startswith("multiplier_norm/"):
+                continue
+            cut = key.split("/", 1)[1]
+            if not math.isfinite(norm):
+                raise NonFiniteError(
+                    f"multiplier norm at {cut} is not finite at step {step}; the dual ascent "
+                    "diverged. " + _DIVERGENCE_ADVICE,
+                    "multiplier norm", step, cut,
+                )
+            bound = self.max_multiplier_norm
+            if bound is not None and norm > bound:
+                raise DivergenceError(
+                    f"multiplier norm at {cut} is {norm:.4g} at step {step}, above the bound "
+                    f"{bound:g} (--max-multiplier-norm); the dual ascent is diverging. "
+                    + _DIVERGENCE_ADVICE,
+                    "multiplier norm", step, cut,
                 )
 
     def _split(self, dense_grads):
@@ -283,8 +393,12 @@ class SaddlePointStep:
         if begin is not None:
             begin()
 
+        if self.solver == "past-extragradient":
+            return self._past_extragradient_step(x, y, index)
+
         terms, rows, dense_grads, row_grads = self._evaluate(x, y, index)
         stats = self._statistics(terms, rows)
+        self._check_multipliers(stats)
 
         if self.solver == "gda":
             for rule, grads in zip(self.dense_rules, self._split(dense_grads)):
@@ -305,6 +419,112 @@ class SaddlePointStep:
         self.step_count += 1
         return stats
 
+    def _past_extragradient_step(self, x, y, index) -> dict[str, float]:
+        # Extrapolate every batch row once with its stored gradient: the kernels
+        # sum duplicate indices, so passing the batch index would count a row twice.
+        unique = torch.unique(index)
+        for rule, grads in zip(self.dense_rules, self._split(self._past_dense)):
+            rule.extrapolate(grads)
+        for rule, past in zip(self.sparse_rules, self._past_rows):
+            rule.extrapolate(unique, past[unique].to(unique.device))
+
+        try:
+            terms, rows, dense_grads, row_grads = self._evaluate(x, y, index)
+            stats = self._statistics(terms, rows)
+            self._check_multipliers(stats)
+        except DivergenceError:
+            # Leave the variables at the current point, as the other solvers do.
+            for rule in self.dense_rules:
+                rule.restore()
+            for rule in self.sparse_rules:
+                rule.restore(unique)
+            raise
+
+        for rule in self.dense_rules:
+            rule.restore()
+        for rule in self.sparse_rules:
+            rule.restore(unique)
+        for rule, grads in zip(self.dense_rules, self._split(dense_grads)):
+            rule.step(grads)
+        for rule, grad in zip(self.sparse_rules, row_grads):
+            rule.step(index, grad)
+
+        self._past_dense = [None if g is None else g.detach().clone() for g in dense_grads]
+        with torch.no_grad():
+            for past, grad in zip(self._past_rows, row_grads):
+                past[index] = 0.0
+                past.index_add_(0, index, grad.to(past.dtype))
+        self.step_count += 1
+        return stats
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Return every tensor and counter needed to continue this run exactly.
+
+        Holds the formulation's parameters, buffers and sparse tables, every
+        accumulator, the extrapolation buffers (empty between steps) and the
+        stored look-ahead gradients of extrapolation from the past. The tensors
+        are the live ones, not copies; ``torch.save`` them before the next step.
+        """
+        return {
+            "solver": self.solver,
+            "step_count": self.step_count,
+            "formulation": self.formulation.state_dict(),
+            "tables": {t.name: t.table for t in self.tables},
+            "dense_rules": [rule.state_dict() for rule in self.dense_rules],
+            "sparse_rules": [rule.state_dict() for rule in self.sparse_rules],
+            "past_dense": self._past_dense,
+            "past_rows": list(self._past_rows),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a :meth:`state_dict` into this step's variables, checking every shape.
+
+        Raises:
+            ValueError: the solver, a table, a tensor shape or a step rule differs;
+                the message names it.
+        """
+        if state["solver"] != self.solver:
+            raise ValueError(
+                f"the checkpoint was written by solver {state['solver']!r}, this step uses "
+                f"{self.solver!r}; pass the same solver"
+            )
+        own = self.formulation.state_dict()
+        saved = state["formulation"]
+        missing = sorted(set(own) - set(saved))
+        extra = sorted(set(saved) - set(own))
+        if missing or extra:
+            raise ValueError(
+                f"the checkpoint's formulation does not match: missing {missing}, "
+                f"unexpected {extra}; build the same network and formulation"
+            )
+        for key, tensor in own.items():
+            _check_same_shape(f"formulation {key}", tensor, saved[key])
+        tables = {t.name: t.table for t in self.tables}
+        if set(tables) != set(state["tables"]):
+            raise ValueError(
+                f"the checkpoint holds tables {sorted(state['tables'])}, this formulation "
+                f"has {sorted(tables)}"
+            )
+        for name, table in tables.items():
+            _check_same_shape(f"table {name}", table, state["tables"][name])
+
+        self.formulation.load_state_dict(saved)
+        with torch.no_grad():
+            for name, table in tables.items():
+                table.copy_(state["tables"][name])
+        for i, rule in enumerate(self.dense_rules):
+            rule.load_state_dict(state["dense_rules"][i], f"dense rule {i}")
+        for t, rule, rule_state in zip(self.tables, self.sparse_rules, state["sparse_rules"]):
+            rule.load_state_dict(rule_state, f"table {t.name}")
+        if self._past_dense is not None:
+            self._past_dense = [
+                None if g is None else g.clone() for g in state["past_dense"]
+            ]
+            _copy_tensors(self._past_rows, state["past_rows"], "stored look-ahead rows")
+        self.step_count = int(state["step_count"])
+
     @torch.no_grad()
     def _statistics(self, terms: Terms, rows: dict[str, torch.Tensor]) -> dict[str, float]:
         stats = {"loss": terms.loss.item(), "lagrangian": terms.lagrangian.item()}
@@ -318,6 +538,25 @@ class SaddlePointStep:
             stats[f"multiplier_norm/cut{l + 2}"] = lam.norm().item()
         stats.update(terms.extras)
         return stats
+
+
+def _check_same_shape(what: str, own: torch.Tensor, saved: torch.Tensor) -> None:
+    if not isinstance(saved, torch.Tensor):
+        raise ValueError(f"{what}: the checkpoint holds {type(saved).__name__}, not a tensor")
+    if tuple(own.shape) != tuple(saved.shape):
+        raise ValueError(
+            f"{what} has shape {tuple(own.shape)} here but {tuple(saved.shape)} in the "
+            "checkpoint; build the run with the same network, data set and sizes"
+        )
+
+
+def _copy_tensors(own: list[torch.Tensor], saved: list, what: str) -> None:
+    if len(own) != len(saved):
+        raise ValueError(f"{what}: {len(own)} tensors here but {len(saved)} in the checkpoint")
+    with torch.no_grad():
+        for i, (mine, theirs) in enumerate(zip(own, saved)):
+            _check_same_shape(f"{what} [{i}]", mine, theirs)
+            mine.copy_(theirs)
 
 
 def _check_range(what: str, values: torch.Tensor, bound: int | None, meaning: str) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distprop_fast import ops
+from distprop_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distprop_fast.data import BatchLoader, IndexedDataset, iterate_in_order, load_dataset
 from distprop_fast.formulations import Backprop, DistProp, ExtraProp, Formulation
 from distprop_fast.models import build_network
@@ -61,6 +62,30 @@ DATASET_DEFAULTS = {
 }
 
 
+# Steps between checkpoints when an output directory is set. A DistProp
+# checkpoint on MNIST is about 31 MB and takes well under a second to write.
+DEFAULT_CHECKPOINT_EVERY = 500
+
+# Fields a resumed run may change: they set how long and how visibly it runs,
+# not what any step computes.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "steps", "epochs", "max_minutes", "eval_every", "threads", "output_dir", "data_dir",
+        "download", "checkpoint_every", "max_multiplier_norm",
+    }
+)
+
+_TYPE_NAMES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+
+
+def _allowed_types(annotation: str) -> tuple[type, ...]:
+    allowed: list[type] = []
+    for name in str(annotation).split("|"):
+        kind = _TYPE_NAMES[name.strip()]
+        allowed.extend(kind if isinstance(kind, tuple) else (kind,))
+    return tuple(allowed)
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs. ``None`` fields take the method's default."""
@@ -93,6 +118,33 @@ class TrainConfig:
     max_minutes: float | None = None
     output_dir: str | None = None
     threads: int | None = None
+    checkpoint_every: int | None = None
+    max_multiplier_norm: float | None = 1e6
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "the config") -> "TrainConfig":
+        """Build a config from a JSON-style dict, naming unknown keys and wrong types."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source} must be a JSON object, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"{source} has unknown keys {unknown}; valid keys are {sorted(fields)}. "
+                "A config written by another version of distprop_fast may need editing"
+            )
+        for key, value in values.items():
+            allowed = _allowed_types(fields[key].type)
+            if isinstance(value, bool) and bool not in allowed:
+                ok = False
+            else:
+                ok = isinstance(value, allowed)
+            if not ok:
+                names = " or ".join(t.__name__ if t is not type(None) else "null" for t in allowed)
+                raise ValueError(
+                    f"{source}: {key} must be {names}, got {value!r} ({type(value).__name__})"
+                )
+        return cls(**values)
 
     def resolved(self) -> "TrainConfig":
         """Return a copy with every ``None`` replaced by the method's default."""
@@ -115,6 +167,8 @@ class TrainConfig:
                 values[key] = value
         if values["network"] is None:
             values["network"] = "lenet" if self.dataset == "cifar10" else "mnist-two-block"
+        if values["checkpoint_every"] is None:
+            values["checkpoint_every"] = DEFAULT_CHECKPOINT_EVERY if self.output_dir else 0
         resolved = TrainConfig(**values)
         resolved.validate()
         return resolved
@@ -134,6 +188,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name.replace('_', '-')} must be finite and >= 0, got {value}")
+        if self.checkpoint_every < 0:
+            raise ValueError(
+                f"checkpoint interval must be >= 0 steps (0 turns checkpoints off), got "
+                f"{self.checkpoint_every}"
+            )
+        if self.checkpoint_every > 0 and not self.output_dir:
+            raise ValueError("checkpoints need an output directory; pass --output-dir")
+        bound = self.max_multiplier_norm
+        if bound is not None and not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"max multiplier norm must be a positive number, got {bound}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         try:
@@ -199,6 +263,7 @@ def build(config: TrainConfig, train_data: IndexedDataset):
         num_examples=len(train_data),
         num_classes=train_data.num_classes,
         backend=config.backend,
+        max_multiplier_norm=config.max_multiplier_norm,
     )
     return formulation, step, generator
 
@@ -232,17 +297,73 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train(config: TrainConfig, progress: bool = True) -> dict:
+def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    """Raise :class:`CheckpointError` naming each field where ``config`` differs from the saved run."""
+    own = dataclasses.asdict(config)
+    unknown = sorted(set(saved) - set(own))
+    if unknown:
+        raise CheckpointError(
+            f"{path} was written with config keys {unknown} that this version does not know; "
+            "resume it with the version that wrote it"
+        )
+    differ = [
+        f"{key}={saved.get(key)!r} in the checkpoint, {own[key]!r} now"
+        for key in sorted(own)
+        if key not in RESUMABLE_FIELDS and saved.get(key) != own[key]
+    ]
+    if differ:
+        raise CheckpointError(
+            f"cannot resume from {path}: the run differs in " + "; ".join(differ)
+            + ". Pass the same values, or start a new run in another --output-dir"
+        )
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past the checkpoint's step, and any half-written last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record.get("step", 0) > last_step:
+            break
+        kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run one training job and return its summary.
 
     Training stops after ``config.steps`` steps, or at the first step that ends
-    past ``config.max_minutes`` of wall time (data loading included). Writes ``config.json``, ``metrics.jsonl`` (one complete JSON object per line)
-    and ``summary.json`` to ``config.output_dir`` when it is set.
+    past ``config.max_minutes`` of wall time (data loading included). Writes
+    ``config.json``, ``metrics.jsonl`` (one complete JSON object per line),
+    ``summary.json`` and, every ``checkpoint_every`` steps and at the end,
+    ``checkpoint.pt`` to ``config.output_dir`` when it is set.
+
+    With ``resume=True`` the run continues from the newest readable checkpoint
+    in ``config.output_dir`` and ends as the uninterrupted run would, bitwise
+    on CPU. With no checkpoint there, it starts from step 0.
+
+    Raises:
+        DivergenceError: a guard stopped the run (non-finite values, or a
+            multiplier norm past ``max_multiplier_norm``); no checkpoint is
+            written after the last good one.
+        CheckpointError: the checkpoint cannot be read or belongs to another run.
     """
     config = config.resolved()
+    if resume and not config.output_dir:
+        raise ValueError("resuming needs the run's --output-dir, where its checkpoint is")
     if config.threads:
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
+    out_dir = Path(config.output_dir) if config.output_dir else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output directory {out_dir} is an existing file; pick another path")
+    checkpoint = load_checkpoint(out_dir) if resume else None
+
     train_data = load_dataset(config.dataset, True, config.data_dir, config.download)
     test_data = load_dataset(config.dataset, False, config.data_dir, config.download)
     if config.epochs is not None:
@@ -252,16 +373,49 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     device = torch.device(config.device)
     loader = BatchLoader(train_data, config.batch_size, generator)
 
-    out_dir = Path(config.output_dir) if config.output_dir else None
+    first_step, elapsed_before = 1, 0.0
+    last: dict = {}
+    test_acc = test_loss = float("nan")
+    if checkpoint is not None:
+        payload, path = checkpoint
+        check_resumable(payload["config"], config, path)
+        try:
+            step.load_state_dict(payload["trainer"])
+            loader.load_state_dict(payload["loader"])
+            generator.set_state(payload["rng"]["generator"])
+            torch.set_rng_state(payload["rng"]["torch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"cannot resume from {path}: {err}") from err
+        first_step = int(payload["step"]) + 1
+        elapsed_before = float(payload.get("elapsed_s", 0.0))
+        last = dict(payload.get("last_record", {}))
+        test_acc, test_loss = payload.get("test", (test_acc, test_loss))
+
     metrics_file = None
     if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"output directory {out_dir} is an existing file; pick another path")
         out_dir.mkdir(parents=True, exist_ok=True)
         # A summary left by an earlier run in this directory would pass for this run's.
         (out_dir / "summary.json").unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
-        metrics_file = open(out_dir / "metrics.jsonl", "w")
+        if checkpoint is not None:
+            _truncate_metrics(out_dir / "metrics.jsonl", first_step - 1)
+            metrics_file = open(out_dir / "metrics.jsonl", "a")
+        else:
+            metrics_file = open(out_dir / "metrics.jsonl", "w")
+
+    def write_checkpoint(done: int) -> None:
+        payload = {
+            "package_version": _package_version(),
+            "config": dataclasses.asdict(config),
+            "step": done,
+            "trainer": step.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
+            "elapsed_s": elapsed_before + time.perf_counter() - start,
+            "last_record": last,
+            "test": (test_acc, test_loss),
+        }
+        save_checkpoint(out_dir, payload, done)
 
     bar = None
     if progress:
@@ -269,15 +423,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
         # disable=None hides the bar when stderr is not a terminal (logs, CI).
         bar = tqdm(
-            total=config.steps, desc=f"{config.method} on {config.dataset}", unit="step",
-            disable=None,
+            total=config.steps, initial=first_step - 1,
+            desc=f"{config.method} on {config.dataset}", unit="step", disable=None,
         )
-    last = {}
-    test_acc = test_loss = float("nan")
+    steps_done = first_step - 1
     try:
         deadline = start + 60.0 * config.max_minutes if config.max_minutes else math.inf
-        steps_done = 0
-        for i in range(1, config.steps + 1):
+        for i in range(first_step, config.steps + 1):
             x, y, index = loader.next_batch()
             stats = step(x.to(device), y.to(device), index.to(device))
             steps_done = i
@@ -286,11 +438,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             if i % config.eval_every == 0 or i == config.steps or out_of_time:
                 test_acc, test_loss = evaluate(formulation, test_data, device)
                 record.update(test_accuracy=test_acc, test_loss=test_loss)
-                record["wall_time_s"] = time.perf_counter() - start
+                record["wall_time_s"] = elapsed_before + time.perf_counter() - start
             last = record
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+            every = config.checkpoint_every
+            if every and (i % every == 0 or i == config.steps or out_of_time):
+                write_checkpoint(i)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{test_acc:.4f}")
@@ -316,10 +471,17 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         "final_mean_abs_defect": sum(defects) / len(defects) if defects else 0.0,
         **{k: v for k, v in last.items() if k.startswith("defect/")},
         **formulation.variable_counts(),
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "wall_time_s": round(elapsed_before + time.perf_counter() - start, 1),
+        "resumed_from_step": first_step - 1 if checkpoint is not None else None,
         "peak_memory_mib": round(peak_memory_mib(), 1),
         "torch_threads": torch.get_num_threads(),
     }
     if out_dir is not None:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _package_version() -> str:
+    from distprop_fast import __version__
+
+    return __version__
