@@ -24,7 +24,7 @@ from pathlib import Path
 
 from distprop_fast.grids import GRIDS, expand_grid, load_grid
 from distprop_fast.report import NoFinishedRunsError, write_report
-from distprop_fast.runner import RunSpec, run_all
+from distprop_fast.runner import ERROR_FILE, RunSpec, run_all
 from distprop_fast.sweep import is_sweep_root, sweep_specs, write_sweep_report
 
 logger = logging.getLogger("distprop_fast.experiments")
@@ -174,8 +174,9 @@ def execute(specs: list[RunSpec], jobs: int) -> int:
         len(result.skipped),
         len(result.failed),
     )
-    for outcome in result.failed:
-        logger.error("failed run %s: %s", outcome.name, outcome.error)
+    if result.failed:
+        names = ", ".join(outcome.name for outcome in result.failed)
+        logger.error("failed runs (details in each run's %s): %s", ERROR_FILE, names)
     return EXIT_RUN_FAILED if result.failed else 0
 
 

@@ -33,8 +33,6 @@ GRID_KEYS = ("name", "description", "datasets", "seeds", "methods", "config")
 
 # The solver that reuses the previous step's look-ahead gradient
 # ("extrapolation from the past"), one gradient evaluation per step.
-# NOTE: this name is assumed; if this version's solvers.SOLVERS lacks it, the
-# past-vs-extragradient grid is rejected before any run starts.
 PAST_EXTRAGRADIENT = "past-extragradient"
 
 

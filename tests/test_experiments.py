@@ -21,7 +21,7 @@ import pytest
 from distprop_fast.experiments import main
 from distprop_fast.grids import GRIDS, expand_grid, grid_from_dict
 from distprop_fast.report import curve_band, load_root, read_metrics
-from distprop_fast.runner import train_supports_resume
+from distprop_fast.runner import plan_runs, train_supports_resume
 from distprop_fast.sweep import SWEEP_RANGES, sample_hyperparameters, sweep_specs
 
 training = importlib.import_module("distprop_fast.train")
@@ -387,6 +387,16 @@ def test_builtin_grids_expand(tmp_path):
     smoke = expand_grid(GRIDS["smoke"], tmp_path, steps=3, rows=["sgd"])
     assert [spec.name for spec in smoke] == ["digits5k/sgd/seed0", "digits5k/sgd/seed1"]
     assert all(spec.config.steps == 3 for spec in smoke)
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_builtin_grid_configs_valid(tmp_path, name):
+    # Every run of a built-in grid must pass the checks made before training:
+    # known method, solver, data set and valid step sizes.
+    specs = expand_grid(GRIDS[name], tmp_path, threads=1)
+    pending, finished = plan_runs(specs)
+    assert len(pending) == len(specs)
+    assert finished == []
 
 
 def test_grid_rows_share_a_method(tmp_path):
