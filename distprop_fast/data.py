@@ -103,8 +103,10 @@ def _load_torchvision(name: str, train: bool, root: Path, download: bool):
     try:
         ds = cls(root=str(root), train=train, download=download)
     except RuntimeError as err:
+        missing = _missing_files(cls, root)
+        detail = f"missing {', '.join(missing)}" if missing else str(err)
         raise DatasetNotFoundError(
-            f"data set {name!r} not found under {root.resolve()} ({err}). Point --data-dir "
+            f"data set {name!r} not found under {root.resolve()} ({detail}). Point --data-dir "
             f"(or ${DATA_ENV_VAR}) at a directory in torchvision layout, or pass --download "
             "to fetch it"
         ) from None
@@ -116,6 +118,21 @@ def _load_torchvision(name: str, train: bool, root: Path, download: bool):
         # CIFAR-10 stores (|D|, H, W, C)
         data = data.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(data), np.asarray(ds.targets)
+
+
+def _missing_files(cls, root: Path) -> list[str]:
+    """Return the expected MNIST-layout files absent under ``root``, relative to it."""
+    resources = getattr(cls, "resources", None)
+    if not resources:
+        return []
+    raw = root / cls.__name__ / "raw"
+    missing = []
+    for url, _ in resources:
+        archive = url.rsplit("/", 1)[-1]
+        unpacked = archive.removesuffix(".gz")
+        if not (raw / unpacked).exists() and not (raw / archive).exists():
+            missing.append(str((raw / unpacked).relative_to(root)))
+    return missing
 
 
 def embedded_path() -> Path:

@@ -101,3 +101,16 @@ def common_float_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
+
+
+def check_finite_cpu(name: str, tensor: torch.Tensor) -> None:
+    """Raise if a CPU tensor holds NaN or Inf, before an in-place op writes it into a table.
+
+    NOTE: CUDA tensors are not checked, because the check would wait for the
+    device on every call; ``SaddlePointStep`` checks the Lagrangian instead.
+    """
+    if tensor.device.type == "cpu" and tensor.numel() and not torch.isfinite(tensor).all():
+        raise ValueError(
+            f"{name} holds NaN or Inf values; the table was left unchanged. Check the loss "
+            "for divergence before the step, or lower the step sizes"
+        )

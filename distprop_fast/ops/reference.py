@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distprop_fast.ops._checks import check_finite_cpu
+
 PHASES = ("extrapolate", "update")
 
 
@@ -99,6 +101,7 @@ def sparse_extra_adagrad_(
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    check_finite_cpu("grad", grad)
     if phase == "extrapolate":
         saved = table[index].clone()
     else:
@@ -134,6 +137,7 @@ def sparse_sgd_(
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    check_finite_cpu("grad", grad)
     if phase == "extrapolate":
         saved = table[index].clone()
     else:

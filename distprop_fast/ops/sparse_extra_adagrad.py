@@ -15,7 +15,13 @@ import torch
 
 from distprop_fast.ops import reference
 from distprop_fast.ops._backend import extension_has, kernel_module, resolve_backend, tracing
-from distprop_fast.ops._checks import as_index, check_float, check_same_device, check_shape
+from distprop_fast.ops._checks import (
+    as_index,
+    check_finite_cpu,
+    check_float,
+    check_same_device,
+    check_shape,
+)
 
 KERNEL = "sparse_extra_adagrad"
 
@@ -77,6 +83,7 @@ def _check_inputs(table, accum, index, grad, lr, eps, phase, saved) -> torch.Ten
     _check_number("lr", lr)
     _check_number("eps", eps)
     check_same_device(table=table, accum=accum, index=index, grad=grad, saved=saved)
+    check_finite_cpu("grad", grad)
     return index
 
 
@@ -136,7 +143,8 @@ def sparse_extra_adagrad_(
     Raises:
         TypeError: a tensor has the wrong kind of dtype.
         ValueError: an invalid phase, shape, device, ``lr`` or ``eps``, an index outside
-            ``[0, |D|)`` (checked on CPU tensors), a missing ``saved`` for ``"update"``,
+            ``[0, |D|)`` or a NaN or Inf gradient (both checked on CPU tensors only),
+            a missing ``saved`` for ``"update"``,
             or a table without unit stride along ``d`` on a fused backend.
         BackendUnavailableError: the requested backend cannot run here.
     """
