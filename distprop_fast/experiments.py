@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--methods", default=None, help="comma-separated rows of the grid to run (default: all)"
     )
+    run.add_argument(
+        "--seeds", default=None,
+        help="comma-separated training seeds that replace the grid's (default: the grid's)",
+    )
 
     sweep = commands.add_parser(
         "sweep",
@@ -184,8 +188,17 @@ def command_run(args: argparse.Namespace) -> int:
     threads = threads_per_job(args.jobs, args.threads_per_job)
     grid = load_grid(args.grid)
     rows = [row.strip() for row in args.methods.split(",") if row.strip()] if args.methods else None
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--seeds must be comma-separated integers such as 0,1,2, got {args.seeds!r}"
+            ) from None
     specs = expand_grid(
-        grid, args.root, data_dir=args.data_dir, threads=threads, steps=args.steps, rows=rows
+        grid, args.root, data_dir=args.data_dir, threads=threads, steps=args.steps, rows=rows,
+        seeds=seeds,
     )
     logger.info(
         "grid %s: %d runs under %s, %d at a time", grid.name, len(specs), args.root, args.jobs

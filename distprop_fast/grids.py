@@ -203,11 +203,13 @@ def expand_grid(
     threads: int | None = None,
     steps: int | None = None,
     rows: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> list[RunSpec]:
     """Return one run per row, data set and seed, each writing to ``root/<dataset>/<row>/seed<k>``.
 
-    ``steps`` replaces every run's step budget and ``rows`` keeps only those rows;
-    both serve quick checks of a large grid. Checkpoints are written every
+    ``steps`` replaces every run's step budget, ``rows`` keeps only those rows and
+    ``seeds`` replaces the grid's seeds; they serve quick checks and partial runs
+    of a large grid. Checkpoints are written every
     ``eval_every`` steps unless the grid sets ``checkpoint_every``.
 
     Raises:
@@ -219,13 +221,14 @@ def expand_grid(
         if missing:
             raise ValueError(f"grid {grid.name!r} has no rows {missing}; rows: {list(all_rows)}")
         all_rows = {row: all_rows[row] for row in rows}
+    run_seeds = grid.seeds if seeds is None else tuple(seeds)
 
     config_class = training_module().TrainConfig
     checkpoints = train_supports_checkpoints()
     specs = []
     for dataset in grid.datasets:
         for row, overrides in all_rows.items():
-            for seed in grid.seeds:
+            for seed in run_seeds:
                 name = f"{dataset}/{row}/seed{seed}"
                 fields = {**grid.config, **overrides}
                 fields.setdefault("method", row)
