@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "backprop, and print a one-line JSON summary. Options left unset take the "
         "method's defaults (see README).",
     )
-    p.add_argument("--method", choices=METHODS, default="distprop", help="formulation and solver preset")
+    p.add_argument("--method", choices=METHODS, default="distprop", help="formulation and solver preset: sgd (backprop), extraprop, gda, distprop, "
+                   "penalty (DistProp with a quadratic penalty, no multipliers), auglag "
+                   "(DistProp's augmented Lagrangian)")
     p.add_argument("--dataset", choices=DATASETS, default="digits5k",
                    help="data set; digits5k is the embedded default (default: %(default)s)")
     p.add_argument("--network", choices=NETWORKS, default=None,
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-rule", choices=STEP_RULES, default=None, help="step rule of states/Gaussians")
     p.add_argument("--multiplier-rule", choices=STEP_RULES, default=None, help="step rule of multipliers")
     p.add_argument("--margin", type=float, default=None, help="margin eps of the shrunk constraints")
+    p.add_argument("--penalty", type=float, default=None,
+                   help="coefficient c of the quadratic penalty (c/2) mean ||g||^2 of the "
+                   "penalty and auglag methods")
     p.add_argument("--shrink", choices=SHRINKS, default=None, help="shrinkage of ExtraProp defects")
     p.add_argument("--samples-per-class", type=int, default=None, help="DistProp samples per class N")
     p.add_argument("--noise", choices=NOISE_MODES, default=None,
