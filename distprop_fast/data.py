@@ -121,7 +121,12 @@ def _load_torchvision(name: str, train: bool, root: Path, download: bool):
 
 
 def _missing_files(cls, root: Path) -> list[str]:
-    """Return the expected MNIST-layout files absent under ``root``, relative to it."""
+    """Return the MNIST-layout files that torchvision reads and ``root`` lacks.
+
+    torchvision 0.29 reads only the unpacked IDX files; a file present only as
+    ``.gz`` is listed with a note, because ``--download`` unpacks it offline
+    after checking its MD5.
+    """
     resources = getattr(cls, "resources", None)
     if not resources:
         return []
@@ -130,8 +135,11 @@ def _missing_files(cls, root: Path) -> list[str]:
     for url, _ in resources:
         archive = url.rsplit("/", 1)[-1]
         unpacked = archive.removesuffix(".gz")
-        if not (raw / unpacked).exists() and not (raw / archive).exists():
-            missing.append(str((raw / unpacked).relative_to(root)))
+        if not (raw / unpacked).exists():
+            name = str((raw / unpacked).relative_to(root))
+            if (raw / archive).exists():
+                name += " (only the .gz is present; --download unpacks it without the network)"
+            missing.append(name)
     return missing
 
 
