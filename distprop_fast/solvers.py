@@ -29,12 +29,19 @@ class DivergenceError(FloatingPointError):
     """A run left the region where its iterates mean anything.
 
     Attributes:
-        quantity: what failed the guard, such as ``"loss"`` or ``"multiplier norm"``.
-        step: the 1-based step at which it was seen.
+        quantity: what failed the guard, such as ``"loss"`` or ``"multiplier norm"``,
+            or ``None`` when the raiser did not say.
+        step: the 1-based step at which it was seen, or ``None``.
         cut: the cut it belongs to, or ``None`` for whole-network quantities.
     """
 
-    def __init__(self, message: str, quantity: str, step: int, cut: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        quantity: str | None = None,
+        step: int | None = None,
+        cut: str | None = None,
+    ):
         super().__init__(message)
         self.quantity = quantity
         self.step = step
