@@ -251,3 +251,50 @@ def test_config_json_round_trips_through_cli(tmp_path, capsys):
         code = main(["--config", str(first / "config.json"), "--output-dir", str(tmp_path / "second"),
                      "--no-progress"])
     assert code == 0
+
+
+def test_state_dict_between_half_steps():
+    # A state taken after the extrapolation and before the update must carry the
+    # saved point, so that the update restarts from it in another process.
+    import io
+
+    from distprop_fast.formulations import DistProp
+    from distprop_fast.models import build_network
+    from distprop_fast.solvers import SaddlePointStep, StepRuleConfig
+
+    def make():
+        torch.manual_seed(0)
+        net = build_network("mlp", (1, 4, 4), 3, cut_activation=False)
+        form = DistProp(net, 10, 3, samples_per_class=2, generator=torch.Generator().manual_seed(0))
+        rule = StepRuleConfig(0.1, "adagrad")
+        return SaddlePointStep(form, weights=rule, states=rule, multipliers=rule,
+                               num_examples=10, num_classes=3)
+
+    x = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y, index = torch.tensor([0, 1, 2, 0]), torch.tensor([3, 3, 7, 9])
+
+    def extrapolate(step):
+        _, _, dense, rows = step._evaluate(x, y, index)
+        for rule, grads in zip(step.dense_rules, step._split(dense)):
+            rule.extrapolate(grads)
+        for rule, grad in zip(step.sparse_rules, rows):
+            rule.extrapolate(index, grad)
+
+    def update(step):
+        _, _, dense, rows = step._evaluate(x, y, index)
+        for rule, grads in zip(step.dense_rules, step._split(dense)):
+            rule.update(grads)
+        for rule, grad in zip(step.sparse_rules, rows):
+            rule.update(index, grad)
+
+    original = make()
+    extrapolate(original)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    restored = make()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.sparse_rules[0]._saved is not None
+    update(original)
+    update(restored)
+    assert_same(original.state_dict(), restored.state_dict(), "after update")
