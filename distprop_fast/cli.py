@@ -10,6 +10,7 @@ from pathlib import Path
 from distprop_fast.data import DATA_ENV_VAR, DATASETS, DatasetNotFoundError
 from distprop_fast.formulations.distprop import GAUSSIAN_INITS, NOISE_MODES
 from distprop_fast.formulations.extraprop import SHRINKS
+from distprop_fast.baselines import BASELINE_NETWORKS
 from distprop_fast.models import NETWORKS
 from distprop_fast.ops import BACKENDS, BackendUnavailableError
 from distprop_fast.checkpoint import CheckpointError
@@ -29,11 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=METHODS, default="distprop", help="formulation and solver preset: sgd (backprop), extraprop, gda, distprop, "
                    "penalty (DistProp with a quadratic penalty, no multipliers), auglag "
-                   "(DistProp's augmented Lagrangian)")
+                   "(DistProp's augmented Lagrangian), and the layer-local baselines dfa, dtp, oam")
     p.add_argument("--dataset", choices=DATASETS, default="digits5k",
                    help="data set; digits5k is the embedded default (default: %(default)s)")
-    p.add_argument("--network", choices=NETWORKS, default=None,
-                   help="network and split (default: mnist-two-block, lenet for cifar10)")
+    p.add_argument("--network", choices=sorted(set(NETWORKS) | set(BASELINE_NETWORKS)), default=None,
+                   help="network and split (default: mnist-two-block, lenet for cifar10, "
+                   "mlp for dfa, dtp and oam; conv is a baseline network)")
     p.add_argument("--data-dir", default=None,
                    help=f"torchvision-layout data root (default: ${DATA_ENV_VAR}, then ./data)")
     p.add_argument("--download", action="store_true", help="download the data set if missing")

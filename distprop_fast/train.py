@@ -19,13 +19,17 @@ from distprop_fast.checkpoint import CheckpointError, load_checkpoint, save_chec
 from distprop_fast.data import BatchLoader, IndexedDataset, iterate_in_order, load_dataset
 from distprop_fast.formulations import Backprop, DistProp, ExtraProp, Formulation
 from distprop_fast.formulations.penalty import Penalised
-from distprop_fast.models import build_network
+from distprop_fast.baselines import BASELINE_NETWORKS, BASELINES, DEFAULT_LR
+from distprop_fast.models import NETWORKS, build_network
 from distprop_fast.solvers import SaddlePointStep, StepRuleConfig
 
-METHODS = ("sgd", "extraprop", "gda", "distprop", "penalty", "auglag")
+METHODS = ("sgd", "extraprop", "gda", "distprop", "penalty", "auglag", "dfa", "dtp", "oam")
 
 # Methods built on the distributional formulation, whose cuts are linear.
 DISTRIBUTIONAL = ("distprop", "penalty", "auglag")
+# Layer-local baselines with their own update rules and optimisers; they train
+# the networks of distprop_fast.baselines, not the chains of distprop_fast.models.
+LAYER_LOCAL = tuple(BASELINES)
 
 # Defaults per method. The DistProp, ExtraProp and GDA step sizes are the
 # authors' tuned MNIST values; see README "Defaults" for what was changed and why.
@@ -62,6 +66,9 @@ METHOD_DEFAULTS = {
         weight_rule="adagrad", state_rule="adagrad", multiplier_rule="sgd",
     ),
 }
+for _name in LAYER_LOCAL:
+    # Only the weight step size applies; the margin is checked but unused.
+    METHOD_DEFAULTS[_name] = dict(lr_weights=DEFAULT_LR[_name], margin=0.0)
 
 # Per data set: the step budget of the authors' runs (300 for the embedded
 # digits, a demo) and, for CIFAR-10, their tuned step sizes and margins.
@@ -184,7 +191,9 @@ class TrainConfig:
         for key, value in defaults.items():
             if values.get(key) is None:
                 values[key] = value
-        if values["network"] is None:
+        if values["network"] is None and self.method in LAYER_LOCAL:
+            values["network"] = "mlp"
+        elif values["network"] is None:
             values["network"] = "lenet" if self.dataset == "cifar10" else "mnist-two-block"
         if values["checkpoint_every"] is None:
             values["checkpoint_every"] = DEFAULT_CHECKPOINT_EVERY if self.output_dir else 0
@@ -203,6 +212,13 @@ class TrainConfig:
             raise ValueError(f"max minutes must be positive, got {self.max_minutes}")
         if self.eval_every < 1:
             raise ValueError(f"eval interval must be at least 1 step, got {self.eval_every}")
+        if self.method in LAYER_LOCAL and self.network not in BASELINE_NETWORKS:
+            raise ValueError(
+                f"{self.method} trains the networks {BASELINE_NETWORKS}, got {self.network!r}; "
+                "pass --network mlp or --network conv"
+            )
+        if self.method not in LAYER_LOCAL and self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {NETWORKS}, got {self.network!r}")
         if self.method in ("penalty", "auglag") and not self.penalty > 0:
             raise ValueError(f"{self.method} needs a penalty coefficient > 0, got {self.penalty}")
         for name in ("lr_weights", "lr_states", "lr_multipliers", "margin", "penalty"):
@@ -242,6 +258,18 @@ def build(config: TrainConfig, train_data: IndexedDataset):
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
+    if config.method in LAYER_LOCAL:
+        method = BASELINES[config.method](
+            config.network,
+            train_data.input_shape,
+            train_data.num_classes,
+            lr=config.lr_weights,
+            seed=config.seed,
+            num_examples=len(train_data),
+            device=device,
+        )
+        # The method is both the model to evaluate and the step to call.
+        return method, method, generator
     network = build_network(
         config.network,
         train_data.input_shape,
@@ -317,6 +345,8 @@ def training_set_defects(
     samples are the same in every batch, so their mean is that of one batch.
     Backprop has no cuts and returns an empty dict.
     """
+    if not isinstance(formulation, Formulation):
+        return {}
     tables = formulation.sparse_tables()
     begin = getattr(formulation, "begin_step", None)
     if not tables and begin is None and not formulation.state_parameters():

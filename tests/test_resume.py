@@ -39,6 +39,9 @@ CASES = {
     "distprop-redraw": dict(method="distprop", noise="redraw", samples_per_class=2),
     "distprop-past": dict(method="distprop", solver="past-extragradient", multiplier_rule="adagrad"),
     "sgd": dict(method="sgd"),
+    "dfa": dict(method="dfa"),
+    "dtp": dict(method="dtp"),
+    "oam": dict(method="oam"),
 }
 
 
