@@ -22,18 +22,19 @@ from pathlib import Path
 import torch
 
 from distprop_fast.baselines import BASELINES, DEFAULT_LR
-from distprop_fast.data import DATASETS, BatchLoader, load_dataset
+from distprop_fast.data import DATASETS, BatchLoader, DatasetNotFoundError, load_dataset
 from distprop_fast.train import atomic_write_text, evaluate, peak_memory_mib
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", required=True, choices=sorted(BASELINES))
+    parser.add_argument("--network", default="mlp", help="mlp (784-256-256-10 on MNIST) or conv")
     parser.add_argument("--dataset", default="mnist", choices=DATASETS)
     parser.add_argument(
         "--data-dir", help="torchvision-layout root (default: $DISTPROP_DATA, then ./data)"
     )
-    parser.add_argument("--network", default="mlp", help="mlp (784-256-256-10 on MNIST) or conv")
+
     parser.add_argument("--epochs", type=float, default=20.0, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=128, help="examples per step")
     parser.add_argument(
@@ -46,14 +47,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="a further keyword of the method's constructor, e.g. target_step=0.2; repeatable",
     )
-    parser.add_argument("--seed", type=int, default=0)
+
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the batches")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--log-every", type=int, default=50, help="steps per metrics line")
     parser.add_argument(
-        "--max-minutes", type=float, help="stop after the first epoch that ends past this"
+        "--max-minutes",
+        type=float,
+        help="stop at the end of the first epoch that ends after this many minutes",
     )
     parser.add_argument("--output-dir", type=Path, required=True)
+
     args = parser.parse_args(argv)
     if args.epochs <= 0:
         parser.error(f"--epochs must be positive, got {args.epochs}")
@@ -80,20 +85,28 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    train_data = load_dataset(args.dataset, True, args.data_dir)
-    test_data = load_dataset(args.dataset, False, args.data_dir)
+    try:
+        train_data = load_dataset(args.dataset, True, args.data_dir)
+        test_data = load_dataset(args.dataset, False, args.data_dir)
+    except DatasetNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     options = parse_options(args.option)
-    method = BASELINES[args.method](
-        args.network,
-        train_data.input_shape,
-        train_data.num_classes,
-        lr=lr,
-        seed=args.seed,
-        num_examples=len(train_data),
-        device=args.device,
-        **options,
-    )
+    try:
+        method = BASELINES[args.method](
+            args.network,
+            train_data.input_shape,
+            train_data.num_classes,
+            lr=lr,
+            seed=args.seed,
+            num_examples=len(train_data),
+            device=args.device,
+            **options,
+        )
+    except (TypeError, ValueError) as err:
+        print(f"error: invalid settings for {args.method}: {err}", file=sys.stderr)
+        return 2
     steps_per_epoch = math.ceil(len(train_data) / args.batch_size)
     total_steps = max(1, round(args.epochs * steps_per_epoch))
     loader = BatchLoader(train_data, args.batch_size, torch.Generator().manual_seed(args.seed))
