@@ -276,8 +276,9 @@ def test_oam_backtracking_never_increases_code_objective():
         c2 = oam._layer(2, c1)
     codes = [x, c1, c2 + 1.0]
     before = oam._code_objective(1, c1, c1, codes, y)
-    after_code = oam._code_step(1, c1, c1, codes, y)
+    after_code, steps = oam._code_step(1, c1, c1, codes, y, torch.full((5,), 100.0))
     after = oam._code_objective(1, after_code, c1, codes, y)
+    assert (steps < 100.0).all(), f"every example should have backtracked, steps {steps.tolist()}"
     assert (after <= before).all(), f"objective rose: {before.tolist()} -> {after.tolist()}"
     assert (after < before).any(), "no example made progress"
 
@@ -365,6 +366,7 @@ BAD_BATCHES = [
     (lambda x, y, i: (x, torch.tensor([0, 3]), i), "label 3 is outside [0, 3)"),
     (lambda x, y, i: (x, torch.tensor([-1, 0]), i), "label -1 is outside [0, 3)"),
     (lambda x, y, i: (x, y, torch.tensor([0, 8])), "index 8 is outside [0, 8)"),
+    (lambda x, y, i: (x, y, torch.tensor([-2, 1])), "index -2 is outside [0, 8)"),
     (lambda x, y, i: (x.double(), y, i), "x must be float32, got torch.float64"),
     (lambda x, y, i: (x, y.int(), i), "y must be int64, got torch.int32"),
     (lambda x, y, i: (x, y, i[:1]), "index must have shape (2,)"),
@@ -386,6 +388,13 @@ def test_invalid_batch_raises_named_error(kind, change, message):
     assert message in str(info.value)
     for name, value in method.state_dict()["network"].items():
         assert torch.equal(value, before[name]), f"a rejected batch changed {name}"
+
+
+def test_negative_index_without_dataset_size():
+    dfa = DFA("mlp", (4,), 3, lr=0.05, seed=0, hidden=(5,))
+    batch = (torch.randn(2, 4), torch.zeros(2, dtype=torch.int64), torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="index -1 is negative; every index must be >= 0"):
+        dfa(*batch)
 
 
 @pytest.mark.parametrize("kind", ["dfa-mlp", "dtp-mlp", "oam-mlp"])

@@ -16,8 +16,9 @@ One step:
 1. The codes start at the forward pass, ``c_l = f_l(c_{l-1})``.
 2. Codes are updated from the top down, each block with ``code_steps``
    gradient steps on the terms that contain it, with the codes above it
-   already updated. Each step starts at ``lr_codes`` and is halved per example
-   until the objective falls enough (Armijo backtracking). A hidden block's
+   already updated. Each step is halved per example until the objective falls
+   enough (Armijo backtracking). The first trial step is ``lr_codes``, later
+   ones twice the step last accepted, at most ``lr_codes``. A hidden block's
    terms all carry ``mu``, so they are divided by ``mu`` first: its steps then
    do not shrink as ``mu`` does, and the minimiser is the same.
    NOTE: the backtracking is this implementation's addition. With a fixed
@@ -164,26 +165,33 @@ class OAM(LayerLocalMethod):
         with torch.no_grad():
             prediction = self._layer(l, codes[l - 1])
         code = start.clone()
+        # (B,) first trial step of each example: lr_codes, then twice the last accepted step.
+        step = torch.full((code.shape[0],), self.lr_codes, device=code.device)
         for _ in range(self.code_steps):
-            code = self._code_step(l, code, prediction, codes, y)
+            code, accepted_step = self._code_step(l, code, prediction, codes, y, step)
+            step = torch.clamp(2 * accepted_step, max=self.lr_codes)
         self.check_finite(f"code of layer {l}", code)
         return code
 
-    def _code_objective(self, l, code, prediction, codes, y) -> torch.Tensor:
-        """Return the per-example objective ``(B,)`` of code block ``l``."""
+    def _code_objective(self, l, code, prediction, codes, y, rows=None) -> torch.Tensor:
+        """Return the objective of code block ``l`` per example, for all rows or only ``rows``."""
+        if rows is not None:
+            prediction, y = prediction[rows], y[rows]
         anchor = (code - prediction).pow(2).flatten(1).sum(dim=1)
         above = self._layer(l + 1, code)
         if l == len(self.network.blocks) - 1:
             return F.cross_entropy(above, y, reduction="none") + self.mu * anchor
+        target = codes[l + 1] if rows is None else codes[l + 1][rows]
         # Both terms carry mu in the batch objective; dividing by it keeps the minimiser.
-        return (codes[l + 1] - above).pow(2).flatten(1).sum(dim=1) + anchor
+        return (target - above).pow(2).flatten(1).sum(dim=1) + anchor
 
-    def _code_step(self, l, code, prediction, codes, y) -> torch.Tensor:
-        """Take one gradient step per example with Armijo backtracking from ``lr_codes``.
+    def _code_step(self, l, code, prediction, codes, y, step):
+        """Take one gradient step per example with Armijo backtracking; return the codes and steps.
 
-        The step of an example is halved until its objective drops by at least
-        ``1e-4 * step * |grad|^2``; an example that fails ``MAX_HALVINGS`` times keeps its code.
-        A fixed step would diverge once the next layer's weights grow past
+        An example's trial step ``step`` is halved until its objective drops by
+        at least ``1e-4 * step * |grad|^2``. An example that fails ``MAX_HALVINGS``
+        times keeps its code. Only the examples still backtracking are evaluated
+        again. A fixed step would diverge once the next layer's weights grow past
         ``|W|^2 ~ 1 / lr_codes``.
         """
         code = code.detach().requires_grad_(True)
@@ -191,20 +199,24 @@ class OAM(LayerLocalMethod):
             objective = self._code_objective(l, code, prediction, codes, y)
             (grad,) = torch.autograd.grad(objective.sum(), code)
         code, objective = code.detach(), objective.detach()
-        # (B,) squared gradient norm and step size of each example.
+        # (B,) squared gradient norm of each example.
         grad_sq = grad.flatten(1).pow(2).sum(dim=1)
-        step = torch.full_like(objective, self.lr_codes)
+        step = step.clone()
         shape = (-1,) + (1,) * (code.dim() - 1)
-        accepted = torch.zeros_like(objective, dtype=torch.bool)
+        new_code = code.clone()
+        pending = torch.arange(code.shape[0], device=code.device)
         with torch.no_grad():
             for _ in range(MAX_HALVINGS + 1):
-                candidate = code - step.view(shape) * grad
-                value = self._code_objective(l, candidate, prediction, codes, y)
-                accepted = value <= objective - ARMIJO_FRACTION * step * grad_sq
-                if accepted.all():
+                candidate = code[pending] - step[pending].view(shape) * grad[pending]
+                value = self._code_objective(l, candidate, prediction, codes, y, rows=pending)
+                threshold = objective[pending] - ARMIJO_FRACTION * step[pending] * grad_sq[pending]
+                accepted = value <= threshold
+                new_code[pending[accepted]] = candidate[accepted]
+                pending = pending[~accepted]
+                if pending.numel() == 0:
                     break
-                step = torch.where(accepted, step, step / 2)
-            return torch.where(accepted.view(shape), candidate, code)
+                step[pending] = step[pending] / 2
+        return new_code, step
 
     def _hidden_gradient(self, l: int, codes: list[torch.Tensor]) -> float:
         """Store the gradient of ``mean_b ||c_l - f_l(c_{l-1})||^2`` for layer ``l``; return it."""
