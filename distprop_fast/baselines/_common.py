@@ -309,7 +309,7 @@ def check_batch(
 def _check_range(quantity: str, values: torch.Tensor, bound: int | None, meaning: str) -> None:
     low, high = values.min().item(), values.max().item()
     if low < 0 and bound is None:
-        raise ValueError(f"{quantity} {low} is negative; {quantity}s must lie in [0, {meaning})")
+        raise ValueError(f"{quantity} {low} is negative; every {quantity} must be >= 0")
     if low < 0 or (bound is not None and high >= bound):
         bad = low if low < 0 else high
         raise ValueError(
