@@ -95,7 +95,13 @@ def test_sigkill_during_checkpoint_writes(tmp_path):
         assert child.returncode in (-signal.SIGKILL, 0), err.decode()
         landed_in_write += tmp_file.exists()
 
-        payload, path = load_strict(out)
+        loaded = load_strict(out)
+        if loaded is None:
+            # A kill inside the first write leaves no checkpoint, which is correct
+            # only while none has ever been completed.
+            assert last_step == 0, "a kill lost every checkpoint"
+            continue
+        payload, path = loaded
         assert path.name == CHECKPOINT_NAME
         assert payload["step"] >= last_step, "a kill lost a checkpoint that had been written"
         last_step = payload["step"]
