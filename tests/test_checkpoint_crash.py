@@ -1,6 +1,6 @@
 """Crash safety: SIGKILL a training process while it writes checkpoints, then resume.
 
-The child process slows ``os.fsync`` by 20 ms, so a kill lands inside a
+The child process slows ``os.fsync`` by 50 ms, so a kill lands inside a
 checkpoint write more often than by chance; the order of writes, links and
 renames is the product's own. A second test stops the save sequence between
 each pair of its file operations, which is every state a kill can leave.
@@ -36,7 +36,7 @@ CHILD = textwrap.dedent(
     _fsync = os.fsync
 
     def slow_fsync(fd):
-        time.sleep(0.02)
+        time.sleep(0.05)
         _fsync(fd)
 
     os.fsync = slow_fsync
@@ -89,7 +89,8 @@ def test_sigkill_during_checkpoint_writes(tmp_path):
         launched = time.time_ns()
         child = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE)
         if wait_for_new_write(tmp_file, launched, child):
-            time.sleep(rng.uniform(0.0, 0.06))
+            # The temporary file lives for at least one 50 ms fsync after it appears.
+            time.sleep(rng.uniform(0.0, 0.04))
             child.send_signal(signal.SIGKILL)
         _, err = child.communicate(timeout=120)
         assert child.returncode in (-signal.SIGKILL, 0), err.decode()
