@@ -151,7 +151,13 @@ class SparseRowStepRule:
         self.backend = backend
         self.accum = None
         if config.rule == "adagrad":
-            self.accum = zeros_table(*table.table.shape, dtype=table.table.dtype)
+            # float16's maximum is 65504, which one squared defect above 256 exceeds.
+            # The per-example L1 defect sums |z| over a cut and can reach thousands,
+            # so a float16 table gets a float32 accumulator. bfloat16 has float32's
+            # range and keeps its own dtype.
+            dtype = table.table.dtype
+            accum_dtype = torch.float32 if dtype == torch.float16 else dtype
+            self.accum = zeros_table(*table.table.shape, dtype=accum_dtype)
         self._saved: torch.Tensor | None = None
 
     def _half_step(self, index, grad, phase, saved):

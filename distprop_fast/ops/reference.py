@@ -133,7 +133,8 @@ def sparse_sgd_(
 ) -> torch.Tensor:
     """Apply one ExtraSGD half-step to rows ``index`` of ``table``, in place.
 
-    Same contract as :func:`sparse_extra_adagrad_` without an accumulator.
+    Same contract as :func:`sparse_extra_adagrad_` without an accumulator: duplicate
+    indices are summed, and the step is computed in float32 whatever the storage.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -144,6 +145,13 @@ def sparse_sgd_(
         if saved is None:
             raise ValueError("phase='update' needs the rows saved by phase='extrapolate'")
         table[index] = saved
-    scaled = grad.to(table.dtype) * (lr if maximize else -lr)
-    table.index_add_(0, index, scaled)
+
+    # Compute in float32 and round once when storing. Rounding the product to
+    # float16 first, as a float16 step would, can lose an increment just over half
+    # an ulp of the row.
+    unique, inverse = torch.unique(index, return_inverse=True)
+    summed = torch.zeros(unique.numel(), grad.shape[1], dtype=torch.float32, device=grad.device)
+    summed.index_add_(0, inverse, grad.float())
+    rows = table[unique].float() + summed * (lr if maximize else -lr)
+    table[unique] = rows.to(table.dtype)
     return saved
