@@ -66,6 +66,41 @@ def zscore_constraint(
     return defect, (multipliers * defect).sum()
 
 
+def zscore_l1_constraint(
+    a: torch.Tensor,
+    labels: torch.Tensor,
+    w_mu: torch.Tensor,
+    w_sigma: torch.Tensor,
+    margin: float,
+    multipliers: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluate the per-example constraint on the L1 norm of the z-scores and its term.
+
+    .. math::
+        z = (a - \\mu[y]) / \\sigma[y], \\quad
+        g = \\mathrm{ReLU}(\\lVert z \\rVert_1 - \\varepsilon), \\quad
+        t = \\sum_i \\lambda_i g_i
+
+    Args:
+        a: block outputs, shape ``(B, d)``.
+        labels: class of each row, int64 of shape ``(B,)`` with values in ``[0, M)``.
+        w_mu: class means, shape ``(M, d)``.
+        w_sigma: pre-softplus scales, shape ``(M, d)``.
+        margin: the margin ``eps`` on the L1 norm, summed over the ``d`` features.
+        multipliers: one multiplier per row, shape ``(B, 1)``, or ``None``.
+
+    Returns:
+        ``(defect, term)``: the defect ``g`` of shape ``(B, 1)`` and the scalar
+        ``sum(lambda * g)`` (zero when ``multipliers`` is ``None``).
+    """
+    sigma = F.softplus(w_sigma)
+    z = (a - w_mu[labels]) / sigma[labels]
+    defect = F.relu(z.abs().sum(dim=1, keepdim=True) - margin)
+    if multipliers is None:
+        return defect, defect.new_zeros(())
+    return defect, (multipliers * defect).sum()
+
+
 def sparse_extra_adagrad_(
     table: torch.Tensor,
     accum: torch.Tensor,
