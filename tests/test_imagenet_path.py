@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
+from distprop_fast.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetNotFoundError,
+    StreamingBatchLoader,
+    load_dataset,
+)
 from distprop_fast.models import ALEXNET_MIN_SIDE, build_network
+
+CLASSES = ("ant", "bee", "cow")
+TRAIN_PER_CLASS = 4
+VAL_PER_CLASS = 2
+
+
+def write_image_folder(root: Path, seed: int = 0) -> Path:
+    """Write train/ and val/ with three classes of small random PNG and JPEG images."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(count):
+                # Sizes differ per image, so the transforms must resize.
+                pixels = rng.integers(0, 256, (30 + 7 * k, 40 + 3 * k, 3), dtype=np.uint8)
+                suffix = "png" if k % 2 == 0 else "jpg"
+                Image.fromarray(pixels).save(folder / f"{name}{k}.{suffix}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "images")
 
 
 def copy_into_torchvision(chain, num_classes: int) -> torch.nn.Module:
@@ -55,3 +90,109 @@ def test_alexnet_cut_has_9216_features():
 def test_alexnet_rejects_unusable_input(shape):
     with pytest.raises(ValueError, match="alexnet"):
         build_network("alexnet", shape, 10, cut_activation=False)
+
+
+def test_image_folder_items(image_folder):
+    train = load_dataset("imagefolder", True, image_folder, crop_size=32)
+    assert len(train) == len(CLASSES) * TRAIN_PER_CLASS
+    assert train.num_classes == len(CLASSES)
+    assert train.input_shape == (3, 32, 32)
+    for i in (0, 5, len(train) - 1):
+        x, y, index = train[i]
+        assert x.shape == (3, 32, 32)
+        assert x.dtype == torch.float32
+        assert index == i
+        assert y == train.targets[i].item()
+        # Files are sorted by class folder, so class k holds positions [4k, 4k + 4).
+        assert y == i // TRAIN_PER_CLASS
+
+
+def test_image_folder_test_split_is_deterministic(image_folder):
+    val = load_dataset("imagefolder", False, image_folder, crop_size=32)
+    assert len(val) == len(CLASSES) * VAL_PER_CLASS
+    torch.testing.assert_close(val[1][0], val[1][0], rtol=0, atol=0)
+
+
+def test_image_folder_normalises_with_imagenet_statistics(tmp_path):
+    root = tmp_path / "flat"
+    for split in ("train", "val"):
+        (root / split / "only").mkdir(parents=True)
+        colour = np.array([255, 0, 128], dtype=np.uint8)
+        Image.fromarray(np.tile(colour, (50, 60, 1))).save(root / split / "only" / "a.png")
+    x, _, _ = load_dataset("imagefolder", False, root, crop_size=16)[0]
+
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    expected = (torch.tensor([255.0, 0.0, 128.0]) / 255 - mean) / std
+    # A uniform image stays uniform through resizing and cropping.
+    torch.testing.assert_close(x, expected.view(3, 1, 1).expand(3, 16, 16), rtol=1e-6, atol=1e-6)
+
+
+def take_batches(loader, count):
+    return [loader.next_batch() for _ in range(count)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_loader_covers_each_example_once(image_folder, workers):
+    train = load_dataset("imagefolder", True, image_folder, crop_size=16)
+    loader = StreamingBatchLoader(train, 5, torch.Generator().manual_seed(0), workers=workers)
+    batches = take_batches(loader, 3)
+
+    assert [b[2].numel() for b in batches] == [5, 5, 2]
+    seen = torch.cat([b[2] for b in batches])
+    assert sorted(seen.tolist()) == list(range(len(train)))
+    for x, y, index in batches:
+        assert x.shape == (index.numel(), 3, 16, 16)
+        assert torch.equal(y, train.targets[index])
+    assert loader.epoch == 1
+    loader.next_batch()
+    assert loader.epoch == 2
+
+
+def test_streaming_loader_resumes_order(image_folder):
+    train = load_dataset("imagefolder", True, image_folder, crop_size=16)
+    first = StreamingBatchLoader(train, 4, torch.Generator().manual_seed(3), workers=0)
+    first.next_batch()
+    state = first.state_dict()
+    expected = [b[2] for b in take_batches(first, 4)]
+
+    # Another seed: the rest of epoch 1 must come from the saved order alone.
+    second = StreamingBatchLoader(train, 4, torch.Generator().manual_seed(99), workers=0)
+    second.load_state_dict(state)
+    got = [b[2] for b in take_batches(second, 2)]
+    assert [t.tolist() for t in got] == [t.tolist() for t in expected[:2]]
+    assert second.epoch == 1
+
+
+def test_image_folder_missing_split(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="train/ and val/"):
+        load_dataset("imagenet", True, tmp_path / "nowhere")
+
+
+def test_image_folder_without_images(tmp_path):
+    (tmp_path / "train" / "empty").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="no images in class folders"):
+        load_dataset("imagefolder", True, tmp_path)
+
+
+def test_image_folder_needs_data_dir():
+    with pytest.raises(DatasetNotFoundError, match="--data-dir"):
+        load_dataset("imagefolder", True, None)
+
+
+def test_imagenet_default_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTPROP_DATA", str(tmp_path))
+    write_image_folder(tmp_path / "imagenet")
+    assert len(load_dataset("imagenet", False, None, crop_size=16)) == 6
+
+
+def test_image_folder_rejects_download(image_folder):
+    with pytest.raises(ValueError, match="cannot be downloaded"):
+        load_dataset("imagenet", True, image_folder, download=True)
+
+
+def test_image_folder_val_classes_must_match(image_folder):
+    extra = image_folder / "val" / "dog"
+    extra.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(extra / "d.png")
+    with pytest.raises(ValueError, match=r"only in val/: \['dog'\]"):
+        load_dataset("imagefolder", False, image_folder)
