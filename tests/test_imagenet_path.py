@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,146 @@ def test_image_folder_val_classes_must_match(image_folder):
     Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(extra / "d.png")
     with pytest.raises(ValueError, match=r"only in val/: \['dog'\]"):
         load_dataset("imagefolder", False, image_folder)
+
+
+def test_imagenet_defaults():
+    from distprop_fast.train import IMAGENET_LR_MULTIPLIERS, TrainConfig
+
+    config = TrainConfig(method="distprop", dataset="imagenet").resolved()
+    assert config.steps == 50000
+    assert config.batch_size == 256
+    assert config.network == "alexnet"
+    assert config.crop_size == 224
+    assert config.constraint == "per-example"
+    assert config.samples_per_class == 1
+    assert config.lr_multipliers == IMAGENET_LR_MULTIPLIERS
+    sgd = TrainConfig(method="sgd", dataset="imagenet").resolved()
+    assert (sgd.steps, sgd.network, sgd.constraint) == (50000, "alexnet", "per-feature")
+    # Other data sets keep the per-feature constraint.
+    assert TrainConfig(method="distprop", dataset="mnist").resolved().constraint == "per-feature"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"method": "sgd", "constraint": "per-example"}, "applies to the methods"),
+        ({"constraint": "per-class"}, "constraint must be one of"),
+        ({"crop_size": 0}, "crop size must be at least 1"),
+        ({"workers": -1}, "workers must be >= 0"),
+    ],
+)
+def test_imagenet_options_rejected(change, message):
+    from distprop_fast.train import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"dataset": "imagenet", **change}).resolved()
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in formulation whose prediction for example i is row i of a table."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def predict(self, x):
+        return self.logits[x[:, 0].long()]
+
+
+def test_evaluate_top1_and_top5():
+    from distprop_fast.data import IndexedDataset
+    from distprop_fast.train import evaluate, evaluate_metrics
+
+    # 7 classes. Ranks of the label: 1st, 3rd, 5th, 6th.
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5, 6],
+            [0.0, 1, 2, 3, 4, 5, 6],
+            [6.0, 5, 4, 3, 2, 1, 0],
+            [6.0, 5, 4, 3, 2, 1, 0],
+        ]
+    )
+    labels = torch.tensor([0, 4, 4, 5])
+    data = IndexedDataset(x=torch.arange(4.0).view(4, 1), y=labels, num_classes=7, name="fixed")
+    metrics = evaluate_metrics(FixedLogits(logits), data, "cpu", batch_size=3)
+
+    assert metrics["accuracy"] == 1 / 4
+    assert metrics["top5_accuracy"] == 3 / 4
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert evaluate(FixedLogits(logits), data, "cpu") == (metrics["accuracy"], metrics["loss"])
+
+
+def test_evaluate_top5_with_fewer_than_five_classes():
+    from distprop_fast.data import IndexedDataset
+    from distprop_fast.train import evaluate_metrics
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    data = IndexedDataset(x=torch.arange(2.0).view(2, 1), y=torch.tensor([0, 0]), num_classes=3,
+                          name="fixed")
+    metrics = evaluate_metrics(FixedLogits(logits), data, "cpu")
+    assert metrics["accuracy"] == 0.5
+    # Top-5 of 3 classes holds every class.
+    assert metrics["top5_accuracy"] == 1.0
+
+
+def test_imagenet_path_smoke(image_folder, tmp_path, monkeypatch):
+    # DistProp on the AlexNet split with the per-example constraint and float16
+    # multipliers, images read by 2 DataLoader workers, 2 steps on CPU.
+    # The package exports the function train under the module's name.
+    train_module = importlib.import_module("distprop_fast.train")
+    built = {}
+    build = train_module.build
+
+    def recording_build(config, train_data):
+        built["objects"] = build(config, train_data)
+        built["train_data"] = train_data
+        return built["objects"]
+
+    monkeypatch.setattr(train_module, "build", recording_build)
+    config = train_module.TrainConfig(
+        method="distprop", dataset="imagenet", data_dir=str(image_folder), crop_size=64,
+        steps=2, batch_size=4, samples_per_class=1, multiplier_dtype="float16", workers=2,
+        threads=1, eval_every=2, margin=0.0, lr_multipliers=1e-3, checkpoint_every=0,
+        output_dir=str(tmp_path / "run"),
+    )
+    summary = train_module.train(config, progress=False)
+
+    formulation, step, _ = built["objects"]
+    examples = len(CLASSES) * TRAIN_PER_CLASS
+    assert built["train_data"].__class__.__name__ == "ImageFolderDataset"
+    assert formulation.constraint == "per-example"
+    table = formulation.first_multipliers.table
+    assert tuple(table.shape) == (examples, 1)
+    assert table.dtype == torch.float16
+    # Margin 0 makes every defect positive, so the 8 visited rows ascended and the
+    # 4 others stayed at zero.
+    assert int((table > 0).sum()) == 8
+    assert int((table == 0).sum()) == examples - 8
+    assert summary["multipliers"] == examples
+
+    assert summary["steps"] == 2
+    assert 0.0 <= summary["test_accuracy"] <= summary["test_top5_accuracy"] <= 1.0
+    # Three classes: the top 5 always hold the label.
+    assert summary["test_top5_accuracy"] == 1.0
+    assert summary["defect/cut1"] > 0.0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert "test_top5_accuracy" in json.loads(lines[-1])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+
+
+def test_resume_accepts_checkpoint_without_new_fields():
+    import dataclasses
+
+    from distprop_fast.checkpoint import CheckpointError
+    from distprop_fast.train import TrainConfig, check_resumable
+
+    config = TrainConfig(method="distprop", dataset="digits5k").resolved()
+    saved = dataclasses.asdict(config)
+    for key in ("constraint", "crop_size", "workers"):
+        del saved[key]
+    check_resumable(saved, config, Path("checkpoint.pt"))
+
+    config.constraint = "per-example"
+    with pytest.raises(CheckpointError, match="constraint='per-feature' in the checkpoint"):
+        check_resumable(saved, config, Path("checkpoint.pt"))
