@@ -281,9 +281,12 @@ def test_evaluate_top5_with_fewer_than_five_classes():
     assert metrics["top5_accuracy"] == 1.0
 
 
-def test_imagenet_path_smoke(image_folder, tmp_path, monkeypatch):
-    # DistProp on the AlexNet split with the per-example constraint and float16
-    # multipliers, images read by 2 DataLoader workers, 2 steps on CPU.
+def run_smoke(image_folder, out_dir, monkeypatch, device):
+    """Train 2 DistProp steps on the AlexNet split and return the summary and the objects.
+
+    The per-example constraint with float16 multipliers, images read by 2
+    DataLoader workers, crop 64.
+    """
     # The package exports the function train under the module's name.
     train_module = importlib.import_module("distprop_fast.train")
     built = {}
@@ -299,11 +302,14 @@ def test_imagenet_path_smoke(image_folder, tmp_path, monkeypatch):
         method="distprop", dataset="imagenet", data_dir=str(image_folder), crop_size=64,
         steps=2, batch_size=4, samples_per_class=1, multiplier_dtype="float16", workers=2,
         threads=1, eval_every=2, margin=0.0, lr_multipliers=1e-3, checkpoint_every=0,
-        output_dir=str(tmp_path / "run"),
+        device=device, output_dir=str(out_dir),
     )
     summary = train_module.train(config, progress=False)
+    return summary, built
 
-    formulation, step, _ = built["objects"]
+
+def check_smoke(summary, built, out_dir):
+    formulation, _, _ = built["objects"]
     examples = len(CLASSES) * TRAIN_PER_CLASS
     assert built["train_data"].__class__.__name__ == "ImageFolderDataset"
     assert formulation.constraint == "per-example"
@@ -321,9 +327,24 @@ def test_imagenet_path_smoke(image_folder, tmp_path, monkeypatch):
     # Three classes: the top 5 always hold the label.
     assert summary["test_top5_accuracy"] == 1.0
     assert summary["defect/cut1"] > 0.0
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
     assert "test_top5_accuracy" in json.loads(lines[-1])
-    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert json.loads((out_dir / "summary.json").read_text()) == summary
+
+
+def test_imagenet_path_smoke(image_folder, tmp_path, monkeypatch):
+    summary, built = run_smoke(image_folder, tmp_path / "run", monkeypatch, "cpu")
+    check_smoke(summary, built, tmp_path / "run")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_imagenet_path_smoke_cuda(image_folder, tmp_path, monkeypatch):
+    summary, built = run_smoke(image_folder, tmp_path / "run", monkeypatch, "cuda")
+    check_smoke(summary, built, tmp_path / "run")
+    formulation, _, _ = built["objects"]
+    # The model is on the GPU; the per-example table stays in host memory.
+    assert formulation.w_mu[0].device.type == "cuda"
+    assert formulation.first_multipliers.table.device.type == "cpu"
 
 
 def test_resume_accepts_checkpoint_without_new_fields():
