@@ -105,7 +105,7 @@ def test_image_folder_items(image_folder):
         assert x.dtype == torch.float32
         assert index == i
         assert y == train.targets[i].item()
-        # Files are sorted by class folder, so class k holds positions [4k, 4k + 4).
+        # Files are sorted by class folder, so class k is at positions [4k, 4k + 4).
         assert y == i // TRAIN_PER_CLASS
 
 
@@ -277,7 +277,7 @@ def test_evaluate_top5_with_fewer_than_five_classes():
                           name="fixed")
     metrics = evaluate_metrics(FixedLogits(logits), data, "cpu")
     assert metrics["accuracy"] == 0.5
-    # Top-5 of 3 classes holds every class.
+    # The top 5 of 3 classes contain every class.
     assert metrics["top5_accuracy"] == 1.0
 
 

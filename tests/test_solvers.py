@@ -206,7 +206,7 @@ def test_distprop_every_layer_touches_only_batch_rows():
 
 
 def test_sparse_sgd_float16_table_steps_in_float32():
-    # Row 0 holds 1.0, whose float16 ulp is 2**-10. The increment 2**-11 + 2**-23 is
+    # Row 0 contains 1.0, whose float16 ulp is 2**-10. The increment 2**-11 + 2**-23 is
     # just over half an ulp, so a float32 step rounds once, up, to 1 + 2**-10. A
     # float16 product first rounds the increment to 2**-11, a tie that the add
     # then rounds to even, 1.0.
