@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from distprop_fast.data import DATA_ENV_VAR, DATASETS, DatasetNotFoundError
-from distprop_fast.formulations.distprop import GAUSSIAN_INITS, NOISE_MODES
+from distprop_fast.data import DATA_ENV_VAR, DATASETS, DEFAULT_CROP_SIZE, DatasetNotFoundError
+from distprop_fast.formulations.distprop import CONSTRAINTS, GAUSSIAN_INITS, NOISE_MODES
 from distprop_fast.formulations.extraprop import SHRINKS
 from distprop_fast.baselines import BASELINE_NETWORKS
 from distprop_fast.models import NETWORKS
@@ -35,13 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data set; digits5k is the embedded default (default: %(default)s)")
     p.add_argument("--network", choices=sorted(set(NETWORKS) | set(BASELINE_NETWORKS)), default=None,
                    help="network and split (default: mnist-two-block, lenet for cifar10, "
-                   "mlp for dfa, dtp and oam; conv is a baseline network)")
+                   "alexnet for imagenet and imagefolder, mlp for dfa, dtp and oam; conv is "
+                   "a baseline network)")
     p.add_argument("--data-dir", default=None,
-                   help=f"torchvision-layout data root (default: ${DATA_ENV_VAR}, then ./data)")
+                   help=f"torchvision-layout data root (default: ${DATA_ENV_VAR}, then ./data); "
+                   "for imagenet and imagefolder, the directory holding train/ and val/ "
+                   f"class folders (imagenet default: ${DATA_ENV_VAR}/imagenet)")
+    p.add_argument("--crop-size", type=int, default=DEFAULT_CROP_SIZE,
+                   help="side of the square crop of imagenet and imagefolder images, in pixels; "
+                   "test images are first resized to crop-size * 256 / 224 "
+                   "(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes that read imagenet and imagefolder "
+                   "images; 0 reads in the main process (default: the CPU count, at most 8)")
     p.add_argument("--download", action="store_true", help="download the data set if missing")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: 300 on digits5k, 6500 on MNIST and "
-                   "Fashion-MNIST, 20000 on CIFAR-10)")
+                   help="training steps (default: 300 on digits5k and imagefolder, 6500 on "
+                   "MNIST and Fashion-MNIST, 20000 on CIFAR-10, 50000 on ImageNet)")
     p.add_argument("--epochs", type=float, default=None,
                    help="training length in passes over the training set; replaces --steps")
     p.add_argument("--batch-size", type=int, default=256, help="examples per step (default: %(default)s)")
@@ -64,7 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gaussian-init", choices=GAUSSIAN_INITS, default="sphere",
                    help="DistProp Gaussian initialisation (default: %(default)s)")
     p.add_argument("--multiplier-dtype", choices=("float32", "float16", "bfloat16"),
-                   default="float32", help="storage of the multiplier tables")
+                   default="float32",
+                   help="storage of the multiplier tables; steps compute in float32 "
+                   "(default: %(default)s)")
+    p.add_argument("--constraint", choices=CONSTRAINTS, default=None,
+                   help="first-cut constraint of the DistProp methods: one per feature, a "
+                   "(|D|, d) multiplier table, or one per example on the L1 norm of the "
+                   "z-scores, a (|D|, 1) table (default: per-example on imagenet, else "
+                   "per-feature)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="implementation of the fused ops")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")

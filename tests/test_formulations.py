@@ -152,3 +152,53 @@ def test_distprop_rejects_activation_at_cut():
         assert "cut_activation=False" in str(err)
     else:
         raise AssertionError("DistProp accepted a ReLU at the cut")
+
+
+def test_distprop_per_example_constraint_by_hand():
+    # One cut of 2 features, 2 classes, sigma = 1. Per-example margin = 0.5 * d = 1.0.
+    form = DistProp(
+        linear_chain(torch.eye(2), torch.eye(2)), num_examples=3, num_classes=2, margin=0.5,
+        constraint="per-example",
+    )
+    assert form.first_multipliers.table.shape == (3, 1)
+    assert form.first_margin == 1.0
+    with torch.no_grad():
+        form.w_mu[0].copy_(torch.tensor([[5.0, 5.0], [0.0, 1.0]]))
+        form.w_sigma[0].fill_(math.log(math.e - 1))
+    x = torch.tensor([[1.0, 3.0], [0.5, 1.25]])  # a = x
+    y = torch.tensor([1, 1])
+    lam = torch.tensor([[2.0], [8.0]], requires_grad=True)
+    terms = form.lagrangian(x, y, torch.tensor([2, 0]), {"multipliers/cut1": lam})
+
+    # z = a - mu(1): (1, 2) with ||z||_1 = 3, and (0.5, 0.25) with 0.75 <= 1.
+    assert_close(terms.defects["cut1"], torch.tensor([[2.0], [0.0]]), what="defect")
+    assert math.isclose(terms.lagrangian.item() - terms.loss.item(), 4.0, rel_tol=1e-6)
+
+    terms.lagrangian.backward()
+    assert_close(lam.grad, torch.tensor([[2.0], [0.0]]), what="dL/dlambda")
+    # d(lambda_0 g_0)/dW1 = lambda_0 sign(z_0) x_0^T; the second row is inactive.
+    expected = 2.0 * torch.tensor([[1.0], [1.0]]) @ x[:1]
+    assert_close(form.network.blocks[0].body.weight.grad, expected, what="dL/dW1")
+
+
+def test_distprop_per_example_keeps_later_cuts_per_feature():
+    blocks = [Block(nn.Linear(3, 4)), Block(nn.Linear(4, 5)), Block(nn.Linear(5, 2))]
+    chain = Chain(blocks, (3,), "mlp")
+    form = DistProp(chain, num_examples=10, num_classes=2, samples_per_class=3,
+                    constraint="per-example")
+    assert form.first_multipliers.table.shape == (10, 1)
+    assert form.later_multipliers[0].shape == (6, 5)
+    terms = form.lagrangian(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]), torch.arange(4),
+                            {"multipliers/cut1": torch.zeros(4, 1)})
+    assert terms.defects["cut1"].shape == (4, 1)
+    assert terms.defects["cut2"].shape == (6, 5)
+
+
+def test_distprop_rejects_unknown_constraint():
+    chain = linear_chain(torch.eye(2), torch.eye(2))
+    try:
+        DistProp(chain, num_examples=2, num_classes=2, constraint="per-class")
+    except ValueError as err:
+        assert "'per-class'" in str(err)
+    else:
+        raise AssertionError("DistProp accepted constraint='per-class'")

@@ -203,3 +203,46 @@ def test_distprop_every_layer_touches_only_batch_rows():
     assert torch.count_nonzero(table[~touched]) == 0
     assert torch.count_nonzero(step.sparse_rules[0].accum[~touched]) == 0
     assert torch.count_nonzero(table[touched]) > 0
+
+
+def test_sparse_sgd_float16_table_steps_in_float32():
+    # Row 0 contains 1.0, whose float16 ulp is 2**-10. The increment 2**-11 + 2**-23 is
+    # just over half an ulp, so a float32 step rounds once, up, to 1 + 2**-10. A
+    # float16 product first rounds the increment to 2**-11, a tie that the add
+    # then rounds to even, 1.0.
+    table = torch.zeros(3, 1, dtype=torch.float16)
+    table[0] = 1.0
+    lr = 2**-11 + 2**-23
+    reference.sparse_sgd_(
+        table, torch.tensor([0]), torch.ones(1, 1), lr, phase="extrapolate", maximize=True
+    )
+
+    assert table[0].item() == 1.0 + 2**-10
+    assert table[1:].eq(0).all()
+
+
+def test_sparse_sgd_float16_duplicates_sum_before_rounding():
+    # Two increments of 3e-4 are each under half an ulp of 1.0 but sum to more.
+    table = torch.ones(2, 1, dtype=torch.float16)
+    grad = torch.full((2, 1), 3e-4)
+    reference.sparse_sgd_(table, torch.tensor([0, 0]), grad, 1.0, "extrapolate", maximize=True)
+
+    assert table[0].item() == 1.0 + 2**-10
+    assert table[1].item() == 1.0
+
+
+def test_sparse_adagrad_float16_table_keeps_float32_accumulator():
+    # A defect of 300 squares to 90,000, past float16's maximum of 65,504. A float16
+    # accumulator would hold inf, and the row would not move.
+    from distprop_fast.formulations.base import SparseTable
+    from distprop_fast.solvers import SparseRowStepRule
+
+    table = SparseTable("multipliers/cut1", torch.zeros(4, 1, dtype=torch.float16), "multiplier")
+    rule = SparseRowStepRule(table, StepRuleConfig(0.01, "adagrad"), maximize=True, backend="auto")
+    assert rule.accum.dtype == torch.float32
+
+    rule.step(torch.tensor([2]), torch.tensor([[300.0]]))
+    assert rule.accum[2].item() == 90000.0
+    # Adagrad's first step moves by lr * g / |g| = lr.
+    assert table.table[2].item() == torch.tensor(0.01).half().item()
+    assert table.table[[0, 1, 3]].eq(0).all()

@@ -14,6 +14,7 @@ from distprop_fast.models import Chain
 
 NOISE_MODES = ("fixed", "redraw")
 GAUSSIAN_INITS = ("sphere", "linear")
+CONSTRAINTS = ("per-feature", "per-example")
 # softplus^{-1}(1) = log(e - 1), so that sigma starts at 1.
 _UNIT_SIGMA = math.log(math.e - 1.0)
 
@@ -29,16 +30,24 @@ class DistProp(Formulation):
     with dense ``(N * M, d_l)`` multipliers, and the loss is the cross-entropy of
     the last block on the last cut's samples.
 
+    With ``constraint="per-example"`` the first cut has one scalar constraint per
+    example, ``g_i = ReLU(||z_i||_1 - margin * d_1)``, and its multiplier table is
+    ``(|D|, 1)``: the mean ``|z|`` over the cut's features must stay within the
+    margin. Later cuts keep the per-feature constraint.
+
     Args:
         network: a chain whose cuts end in a linear map.
         num_examples: ``|D|``.
         num_classes: ``M``.
-        margin: the margin ``eps`` on z-scores.
+        margin: the margin ``eps`` on z-scores, per feature in both constraint modes.
         samples_per_class: ``N``.
         noise: ``"fixed"`` draws ``E`` once; ``"redraw"`` draws it every step.
         gaussian_init: ``"sphere"`` (unit-norm means, ``sigma = 1``) or
             ``"linear"`` (``nn.Linear``'s default initialisation for both).
         multiplier_dtype: storage of the first cut's multiplier table.
+        constraint: ``"per-feature"`` (a ``(|D|, d_1)`` table) or ``"per-example"``
+            (a ``(|D|, 1)`` table) at the first cut. The per-example constraint runs
+            the PyTorch reference for any ``backend``, since it has no fused kernel.
         backend: implementation of the fused ops (see :mod:`distprop_fast.ops`).
         generator: random source for the initialisation and the noise.
     """
@@ -57,8 +66,11 @@ class DistProp(Formulation):
         multiplier_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
         generator: torch.Generator | None = None,
+        constraint: str = "per-feature",
     ):
         super().__init__()
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         if gaussian_init not in GAUSSIAN_INITS:
@@ -86,6 +98,7 @@ class DistProp(Formulation):
         self.noise_mode = noise
         self.backend = backend
         self.generator = generator
+        self.constraint = constraint
 
         sizes = network.cut_sizes
         self.w_mu = nn.ParameterList([nn.Parameter(torch.empty(num_classes, d)) for d in sizes])
@@ -95,8 +108,9 @@ class DistProp(Formulation):
             self.register_buffer(f"noise{l + 1}", torch.empty(samples_per_class, num_classes, d))
         self.redraw_noise()
 
+        width = sizes[0] if constraint == "per-feature" else 1
         self.first_multipliers = SparseTable(
-            "multipliers/cut1", zeros_table(num_examples, sizes[0], multiplier_dtype), "multiplier"
+            "multipliers/cut1", zeros_table(num_examples, width, multiplier_dtype), "multiplier"
         )
         self.later_multipliers = nn.ParameterList(
             [nn.Parameter(torch.zeros(samples_per_class * num_classes, d)) for d in sizes[1:]]
@@ -124,6 +138,14 @@ class DistProp(Formulation):
             buffer = getattr(self, f"noise{l + 1}")
             buffer.copy_(torch.randn(buffer.shape, generator=self.generator))
 
+    @property
+    def first_margin(self) -> float:
+        """The margin of the first cut's constraint: per feature, or ``margin * d_1`` on
+        the L1 norm of a per-example constraint."""
+        if self.constraint == "per-example":
+            return self.margin * self.network.cut_sizes[0]
+        return self.margin
+
     def state_parameters(self):
         return list(self.w_mu) + list(self.w_sigma)
 
@@ -147,10 +169,17 @@ class DistProp(Formulation):
     def lagrangian(self, x, y, index, rows):
         blocks = self.network.blocks
         a = blocks[0](x).flatten(1)
-        g, term = ops.zscore_constraint(
-            a, y, self.w_mu[0], self.w_sigma[0], self.margin, rows["multipliers/cut1"],
-            backend=self.backend,
-        )
+        if self.constraint == "per-example":
+            # No fused kernel exists for this op; the reference runs on any device.
+            g, term = ops.zscore_l1_constraint(
+                a, y, self.w_mu[0], self.w_sigma[0], self.first_margin,
+                rows["multipliers/cut1"], backend="reference",
+            )
+        else:
+            g, term = ops.zscore_constraint(
+                a, y, self.w_mu[0], self.w_sigma[0], self.margin, rows["multipliers/cut1"],
+                backend=self.backend,
+            )
         defects = {"cut1": g}
 
         for l in range(1, self.network.num_cuts):

@@ -73,14 +73,21 @@ class ExtraProp(Formulation):
         return self.states + self.multipliers
 
     @torch.no_grad()
-    def initialise_states(self, data: IndexedDataset, batch_size: int = 1024) -> None:
-        """Fill the state tables by one forward pass, so every defect starts at zero."""
+    def initialise_states(
+        self, data: IndexedDataset, batch_size: int = 1024, workers: int = 0
+    ) -> None:
+        """Fill the state tables by one forward pass, so every defect starts at zero.
+
+        ``data`` may also be an image folder read by ``workers`` processes.
+        NOTE: an augmented split then gives one random crop per example, so the
+        defects start at zero for that crop only.
+        """
         if len(data) != self.num_examples:
             raise ValueError(
                 f"the state tables have {self.num_examples} rows but the data set has "
                 f"{len(data)} examples; build the formulation from the training split"
             )
-        for x, _, index in iterate_in_order(data, batch_size):
+        for x, _, index in iterate_in_order(data, batch_size, workers):
             inp = x
             for l, block in enumerate(self.network.blocks[:-1]):
                 pre = block.body(inp)

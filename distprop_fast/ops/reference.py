@@ -66,6 +66,41 @@ def zscore_constraint(
     return defect, (multipliers * defect).sum()
 
 
+def zscore_l1_constraint(
+    a: torch.Tensor,
+    labels: torch.Tensor,
+    w_mu: torch.Tensor,
+    w_sigma: torch.Tensor,
+    margin: float,
+    multipliers: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluate the per-example constraint on the L1 norm of the z-scores and its term.
+
+    .. math::
+        z = (a - \\mu[y]) / \\sigma[y], \\quad
+        g = \\mathrm{ReLU}(\\lVert z \\rVert_1 - \\varepsilon), \\quad
+        t = \\sum_i \\lambda_i g_i
+
+    Args:
+        a: block outputs, shape ``(B, d)``.
+        labels: class of each row, int64 of shape ``(B,)`` with values in ``[0, M)``.
+        w_mu: class means, shape ``(M, d)``.
+        w_sigma: pre-softplus scales, shape ``(M, d)``.
+        margin: the margin ``eps`` on the L1 norm, summed over the ``d`` features.
+        multipliers: one multiplier per row, shape ``(B, 1)``, or ``None``.
+
+    Returns:
+        ``(defect, term)``: the defect ``g`` of shape ``(B, 1)`` and the scalar
+        ``sum(lambda * g)`` (zero when ``multipliers`` is ``None``).
+    """
+    sigma = F.softplus(w_sigma)
+    z = (a - w_mu[labels]) / sigma[labels]
+    defect = F.relu(z.abs().sum(dim=1, keepdim=True) - margin)
+    if multipliers is None:
+        return defect, defect.new_zeros(())
+    return defect, (multipliers * defect).sum()
+
+
 def sparse_extra_adagrad_(
     table: torch.Tensor,
     accum: torch.Tensor,
@@ -133,7 +168,8 @@ def sparse_sgd_(
 ) -> torch.Tensor:
     """Apply one ExtraSGD half-step to rows ``index`` of ``table``, in place.
 
-    Same contract as :func:`sparse_extra_adagrad_` without an accumulator.
+    Same contract as :func:`sparse_extra_adagrad_` without an accumulator: duplicate
+    indices are summed, and the step is computed in float32 whatever the storage.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -144,6 +180,13 @@ def sparse_sgd_(
         if saved is None:
             raise ValueError("phase='update' needs the rows saved by phase='extrapolate'")
         table[index] = saved
-    scaled = grad.to(table.dtype) * (lr if maximize else -lr)
-    table.index_add_(0, index, scaled)
+
+    # Compute in float32 and round once when storing. Rounding the product to
+    # float16 first, as a float16 step would, can lose an increment just over half
+    # an ulp of the row.
+    unique, inverse = torch.unique(index, return_inverse=True)
+    summed = torch.zeros(unique.numel(), grad.shape[1], dtype=torch.float32, device=grad.device)
+    summed.index_add_(0, inverse, grad.float())
+    rows = table[unique].float() + summed * (lr if maximize else -lr)
+    table[unique] = rows.to(table.dtype)
     return saved
