@@ -6,8 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Triton reads TRITON_INTERPRET once, when it is first imported, and some test
+# modules import it at collection. Without a GPU its kernels can run only in
+# the interpreter, so set it before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def real_data_root() -> Path | None:
