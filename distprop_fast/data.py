@@ -342,14 +342,20 @@ class BatchLoader:
         self._order = torch.empty(0, dtype=torch.int64)
         self._position = 0
 
-    def next_batch(self):
+    def next_indices(self) -> torch.Tensor:
+        """Advance by one batch and return its dataset indices, shape ``(B,)``."""
         if self._position >= self._order.numel():
             self._order = torch.randperm(len(self.data), generator=self.generator)
             self._position = 0
             self.epoch += 1
         index = self._order[self._position : self._position + self.batch_size]
         self._position += index.numel()
+        return index
+
+    def next_batch(self):
+        index = self.next_indices()
         return self.data.x[index], self.data.y[index], index
+
 
     def state_dict(self) -> dict:
         """Return the epoch, the epoch's permutation and the position in it.
@@ -371,6 +377,95 @@ class BatchLoader:
         self.epoch = int(state["epoch"])
         self._order = order.clone()
         self._position = int(state["position"])
+
+
+class IndexPartition:
+    """A fixed partition of the training indices ``[0, |D|)`` across ``world_size`` ranks.
+
+    Rank ``r`` owns the indices ``i`` with ``i % world_size == r`` and stores the
+    row of index ``i`` at local position ``i // world_size``, so every shard has
+    ``ceil(|D| / world_size)`` or one row fewer.
+
+    Args:
+        num_examples: ``|D|``.
+        world_size: the number of ranks sharing the index set.
+        rank: the rank whose shard this object describes.
+    """
+
+    def __init__(self, num_examples: int, world_size: int, rank: int):
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be at least 1, got {num_examples}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be at least 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+        self.num_examples = num_examples
+        self.world_size = world_size
+        self.rank = rank
+
+    @property
+    def shard_size(self) -> int:
+        """The number of indices this rank owns."""
+        return (self.num_examples - self.rank + self.world_size - 1) // self.world_size
+
+    def owner(self, index: torch.Tensor) -> torch.Tensor:
+        """Return the rank that owns each index."""
+        return index % self.world_size
+
+    def owns(self, index: torch.Tensor) -> torch.Tensor:
+        """Return a boolean mask of the indices this rank owns."""
+        return self.owner(index) == self.rank
+
+    def to_local(self, index: torch.Tensor) -> torch.Tensor:
+        """Map owned dataset indices to row positions in this rank's shard."""
+        return torch.div(index, self.world_size, rounding_mode="floor")
+
+    def to_global(self, local: torch.Tensor) -> torch.Tensor:
+        """Map row positions in this rank's shard back to dataset indices."""
+        return local * self.world_size + self.rank
+
+    def global_indices(self) -> torch.Tensor:
+        """Return the dataset indices of this rank's shard in row order, shape ``(shard_size,)``."""
+        return torch.arange(self.rank, self.num_examples, self.world_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexPartition(num_examples={self.num_examples}, world_size={self.world_size}, "
+            f"rank={self.rank})"
+        )
+
+
+class ShardedBatchLoader(BatchLoader):
+    """This rank's part of the global batches that :class:`BatchLoader` yields.
+
+    Every rank draws the same global batch from an identically seeded generator
+    and keeps the examples it owns under ``partition``, in batch order. The
+    union over ranks is exactly the single-process batch, so data-parallel
+    training can be compared with a single process. A rank's part may be
+    empty when the global batch is small.
+    """
+
+    def __init__(
+        self,
+        data: IndexedDataset,
+        batch_size: int,
+        generator: torch.Generator,
+        partition: IndexPartition,
+    ):
+        super().__init__(data, batch_size, generator)
+        if partition.num_examples != len(data):
+            raise ValueError(
+                f"the partition covers {partition.num_examples} indices but the data set has "
+                f"{len(data)} examples; build the partition from the training split"
+            )
+        self.partition = partition
+        self.last_global_size = 0
+
+    def next_batch(self):
+        index = self.next_indices()
+        self.last_global_size = index.numel()
+        index = index[self.partition.owns(index)]
+        return self.data.x[index], self.data.y[index], index
 
 
 class _OrderBatches(torch.utils.data.Sampler):
