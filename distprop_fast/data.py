@@ -435,6 +435,33 @@ class IndexPartition:
         )
 
 
+class _Shard(torch.utils.data.Dataset):
+    """The examples at ``owned`` of a data set, indexed by their position in ``owned``."""
+
+    def __init__(self, data, owned: torch.Tensor):
+        self.data = data
+        self.owned = owned.tolist()
+
+    def __len__(self) -> int:
+        return len(self.owned)
+
+    def __getitem__(self, j: int):
+        x, y, _ = self.data[self.owned[j]]
+        return x, y, j
+
+
+def shard_of(data, partition: IndexPartition):
+    """Return the examples ``partition`` owns, with the row position in the shard as index.
+
+    An :class:`IndexedDataset` gives an :class:`IndexedDataset` of the owned rows;
+    other data sets are wrapped, and their examples are read on access.
+    """
+    owned = partition.global_indices()
+    if isinstance(data, IndexedDataset):
+        return IndexedDataset(data.x[owned], data.y[owned], data.num_classes, data.name)
+    return _Shard(data, owned)
+
+
 class ShardedBatchLoader(BatchLoader):
     """This rank's part of the global batches that :class:`BatchLoader` yields.
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from distprop_fast.formulations.base import Formulation, Terms
+from distprop_fast.formulations.base import BatchShard, Formulation, Terms, batch_cross_entropy
 from distprop_fast.models import Chain
 
 
@@ -17,6 +15,6 @@ class Backprop(Formulation):
         super().__init__()
         self.network = network
 
-    def lagrangian(self, x, y, index, rows):
-        loss = F.cross_entropy(self.network(x), y)
+    def lagrangian(self, x, y, index, rows, shard: BatchShard | None = None):
+        loss = batch_cross_entropy(self.network(x), y, shard)
         return Terms(loss=loss, lagrangian=loss)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distprop_fast.models import Chain
@@ -36,12 +37,50 @@ class Terms:
         lagrangian: ``loss + sum(lambda * g)`` over all cuts (penalties included).
         defects: per cut, the defect ``g`` that the multipliers multiply.
         extras: further scalars to log.
+        synthetic: the cuts of ``defects`` whose rows are synthetic samples
+            rather than batch rows, so they do not depend on the batch.
     """
 
     loss: torch.Tensor
     lagrangian: torch.Tensor
     defects: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, float] = field(default_factory=dict)
+    synthetic: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class BatchShard:
+    """One rank's part of a global batch in data-parallel training.
+
+    The ranks' Lagrangians must add up to the single-process Lagrangian of the
+    global batch. So a rank divides its sum of per-row losses by the global
+    batch size, not by its own row count, and only the rank with
+    ``shared=True`` adds the terms that do not depend on the batch (DistProp's
+    synthetic-sample terms), so they count once.
+
+    Attributes:
+        global_size: the number of rows ``B`` of the global batch.
+        shared: whether this rank adds the batch-independent terms.
+    """
+
+    global_size: int
+    shared: bool
+
+
+def batch_mean(per_row: torch.Tensor, shard: BatchShard | None) -> torch.Tensor:
+    """Average ``per_row`` over the batch, or over the global batch when ``shard`` is given."""
+    if shard is None:
+        return per_row.mean()
+    return per_row.sum() / shard.global_size
+
+
+def batch_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, shard: BatchShard | None
+) -> torch.Tensor:
+    """Return the cross-entropy averaged over the batch, or over the global batch with ``shard``."""
+    if shard is None:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="sum") / shard.global_size
 
 
 def zeros_table(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -86,15 +125,18 @@ class Formulation(nn.Module):
         y: torch.Tensor,
         index: torch.Tensor,
         rows: dict[str, torch.Tensor],
+        shard: BatchShard | None = None,
     ) -> Terms:
         """Evaluate the Lagrangian on a batch.
 
         Args:
             x: inputs ``(B, C, H, W)``.
             y: labels ``(B,)``.
-            index: dataset positions ``(B,)``.
+            index: row positions ``(B,)`` in the sparse tables.
             rows: for each sparse table name, its batch rows ``(B, d)`` as
                 leaves that receive gradients.
+            shard: in data-parallel training, this rank's part of the global
+                batch; ``None`` for a single process.
         """
         raise NotImplementedError
 

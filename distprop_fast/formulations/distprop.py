@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distprop_fast import ops
-from distprop_fast.formulations.base import Formulation, SparseTable, Terms, zeros_table
+from distprop_fast.data import IndexPartition
+from distprop_fast.formulations.base import BatchShard, Formulation, SparseTable, Terms, zeros_table
 from distprop_fast.models import Chain
 
 NOISE_MODES = ("fixed", "redraw")
@@ -50,6 +51,9 @@ class DistProp(Formulation):
             the PyTorch reference for any ``backend``, since it has no fused kernel.
         backend: implementation of the fused ops (see :mod:`distprop_fast.ops`).
         generator: random source for the initialisation and the noise.
+        partition: in data-parallel training, the indices this rank owns; the
+            first cut's multiplier table then holds only their rows,
+            ``(partition.shard_size, d_1)``. ``None`` keeps all ``|D|`` rows.
     """
 
     name = "distprop"
@@ -67,6 +71,7 @@ class DistProp(Formulation):
         backend: str = "auto",
         generator: torch.Generator | None = None,
         constraint: str = "per-feature",
+        partition: IndexPartition | None = None,
     ):
         super().__init__()
         if constraint not in CONSTRAINTS:
@@ -108,9 +113,16 @@ class DistProp(Formulation):
             self.register_buffer(f"noise{l + 1}", torch.empty(samples_per_class, num_classes, d))
         self.redraw_noise()
 
+        if partition is not None and partition.num_examples != num_examples:
+            raise ValueError(
+                f"the partition covers {partition.num_examples} indices but num_examples is "
+                f"{num_examples}; build both from the same training split"
+            )
+        self.partition = partition
+        rows = num_examples if partition is None else partition.shard_size
         width = sizes[0] if constraint == "per-feature" else 1
         self.first_multipliers = SparseTable(
-            "multipliers/cut1", zeros_table(num_examples, width, multiplier_dtype), "multiplier"
+            "multipliers/cut1", zeros_table(rows, width, multiplier_dtype), "multiplier"
         )
         self.later_multipliers = nn.ParameterList(
             [nn.Parameter(torch.zeros(samples_per_class * num_classes, d)) for d in sizes[1:]]
@@ -166,34 +178,61 @@ class DistProp(Formulation):
         s = ops.sample_classes(self.w_mu[l], self.w_sigma[l], noise, backend=self.backend)
         return s.reshape(-1, *self.network.cut_shapes[l])
 
-    def lagrangian(self, x, y, index, rows):
-        blocks = self.network.blocks
-        a = blocks[0](x).flatten(1)
+    def first_cut_term(self, x: torch.Tensor, y: torch.Tensor, multipliers: torch.Tensor):
+        """Return ``(sum(lambda * g), g)`` of the first cut on real data.
+
+        ``g`` has shape ``(B, d_1)`` for the per-feature constraint and ``(B, 1)``
+        for the per-example one.
+        """
+        a = self.network.blocks[0](x).flatten(1)
         if self.constraint == "per-example":
             # No fused kernel exists for this op; the reference runs on any device.
             g, term = ops.zscore_l1_constraint(
-                a, y, self.w_mu[0], self.w_sigma[0], self.first_margin,
-                rows["multipliers/cut1"], backend="reference",
+                a, y, self.w_mu[0], self.w_sigma[0], self.first_margin, multipliers,
+                backend="reference",
             )
         else:
             g, term = ops.zscore_constraint(
-                a, y, self.w_mu[0], self.w_sigma[0], self.margin, rows["multipliers/cut1"],
+                a, y, self.w_mu[0], self.w_sigma[0], self.margin, multipliers,
                 backend=self.backend,
             )
-        defects = {"cut1": g}
+        return term, g
 
+    def synthetic_cut_term(self, l: int):
+        """Return ``(sum(lambda * g), g)`` of cut ``l >= 1`` (0-based) on synthetic samples.
+
+        Block ``l`` reads the samples of cut ``l - 1`` and is z-scored against
+        the Gaussians of cut ``l``, so the term depends on those two cuts only.
+        """
+        a = self.network.blocks[l](self.samples(l - 1)).flatten(1)
+        g, term = ops.zscore_constraint(
+            a, self.sample_labels, self.w_mu[l], self.w_sigma[l], self.margin,
+            self.later_multipliers[l - 1], backend=self.backend,
+        )
+        return term, g
+
+    def synthetic_loss(self) -> torch.Tensor:
+        """Return the cross-entropy of the last block on the last cut's samples."""
+        logits = self.network.blocks[-1](self.samples(self.network.num_cuts - 1))
+        return F.cross_entropy(logits, self.sample_labels)
+
+    def lagrangian(self, x, y, index, rows, shard: BatchShard | None = None):
+        term, g = self.first_cut_term(x, y, rows["multipliers/cut1"])
+        defects = {"cut1": g}
+        if shard is not None and not shard.shared:
+            # Another rank adds the synthetic terms; this rank's loss is zero.
+            return Terms(loss=term.new_zeros(()), lagrangian=term, defects=defects)
+
+        synthetic = []
         for l in range(1, self.network.num_cuts):
-            a = blocks[l](self.samples(l - 1)).flatten(1)
-            g, t = ops.zscore_constraint(
-                a, self.sample_labels, self.w_mu[l], self.w_sigma[l], self.margin,
-                self.later_multipliers[l - 1], backend=self.backend,
-            )
+            t, g = self.synthetic_cut_term(l)
             term = term + t
             defects[f"cut{l + 1}"] = g
-
-        logits = blocks[-1](self.samples(self.network.num_cuts - 1))
-        loss = F.cross_entropy(logits, self.sample_labels)
-        return Terms(loss=loss, lagrangian=loss + term, defects=defects)
+            synthetic.append(f"cut{l + 1}")
+        loss = self.synthetic_loss()
+        return Terms(
+            loss=loss, lagrangian=loss + term, defects=defects, synthetic=frozenset(synthetic)
+        )
 
     def variable_counts(self):
         counts = super().variable_counts()

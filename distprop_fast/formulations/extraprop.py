@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distprop_fast.data import IndexedDataset, iterate_in_order
-from distprop_fast.formulations.base import Formulation, SparseTable, Terms, zeros_table
+from distprop_fast.data import IndexedDataset, IndexPartition, iterate_in_order, shard_of
+from distprop_fast.formulations.base import (
+    BatchShard,
+    Formulation,
+    SparseTable,
+    Terms,
+    batch_cross_entropy,
+    zeros_table,
+)
 from distprop_fast.models import Chain
 
 SHRINKS = ("hard", "soft", "none")
@@ -37,6 +44,9 @@ class ExtraProp(Formulation):
         margin: the margin ``eps`` on raw activations.
         shrink_kind: ``"hard"``, ``"soft"`` or ``"none"``.
         multiplier_dtype: storage of the multiplier tables.
+        partition: in data-parallel training, the indices this rank owns; every
+            table then holds only their rows, ``(partition.shard_size, d)``.
+            ``None`` keeps all ``|D|`` rows.
     """
 
     name = "extraprop"
@@ -48,6 +58,7 @@ class ExtraProp(Formulation):
         margin: float = 0.0,
         shrink_kind: str = "none",
         multiplier_dtype: torch.dtype = torch.float32,
+        partition: IndexPartition | None = None,
     ):
         super().__init__()
         if shrink_kind not in SHRINKS:
@@ -60,12 +71,19 @@ class ExtraProp(Formulation):
         self.margin = float(margin)
         self.shrink_kind = shrink_kind
         self.num_examples = num_examples
+        if partition is not None and partition.num_examples != num_examples:
+            raise ValueError(
+                f"the partition covers {partition.num_examples} indices but num_examples is "
+                f"{num_examples}; build both from the same training split"
+            )
+        self.partition = partition
+        rows = num_examples if partition is None else partition.shard_size
         self.states = [
-            SparseTable(f"states/cut{l + 1}", zeros_table(num_examples, d), "state")
+            SparseTable(f"states/cut{l + 1}", zeros_table(rows, d), "state")
             for l, d in enumerate(network.cut_sizes)
         ]
         self.multipliers = [
-            SparseTable(f"multipliers/cut{l + 1}", zeros_table(num_examples, d, multiplier_dtype), "multiplier")
+            SparseTable(f"multipliers/cut{l + 1}", zeros_table(rows, d, multiplier_dtype), "multiplier")
             for l, d in enumerate(network.cut_sizes)
         ]
 
@@ -81,20 +99,24 @@ class ExtraProp(Formulation):
         ``data`` may also be an image folder read by ``workers`` processes.
         NOTE: an augmented split then gives one random crop per example, so the
         defects start at zero for that crop only.
+        With a partition, only the owned examples are read and computed.
         """
         if len(data) != self.num_examples:
             raise ValueError(
-                f"the state tables have {self.num_examples} rows but the data set has "
-                f"{len(data)} examples; build the formulation from the training split"
+                f"the state tables are built for {self.num_examples} examples but the data set "
+                f"has {len(data)}; build the formulation from the training split"
             )
-        for x, _, index in iterate_in_order(data, batch_size, workers):
+        if self.partition is not None:
+            data = shard_of(data, self.partition)
+        # With a partition, ``local`` is the row position in this rank's shard.
+        for x, _, local in iterate_in_order(data, batch_size, workers):
             inp = x
             for l, block in enumerate(self.network.blocks[:-1]):
                 pre = block.body(inp)
-                self.states[l].table[index] = pre.flatten(1).to(self.states[l].table.dtype)
+                self.states[l].table[local] = pre.flatten(1).to(self.states[l].table.dtype)
                 inp = block.activate(pre)
 
-    def lagrangian(self, x, y, index, rows):
+    def lagrangian(self, x, y, index, rows, shard: BatchShard | None = None):
         batch = x.shape[0]
         inp = x
         term = x.new_zeros(())
@@ -107,5 +129,5 @@ class ExtraProp(Formulation):
             term = term + (rows[f"multipliers/{name}"] * g).sum()
             defects[name] = g
             inp = state.view(batch, *self.network.cut_shapes[l])
-        loss = F.cross_entropy(self.network.blocks[-1](inp), y)
+        loss = batch_cross_entropy(self.network.blocks[-1](inp), y, shard)
         return Terms(loss=loss, lagrangian=loss + term, defects=defects)

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from distprop_fast.formulations.base import Formulation, SparseTable, Terms
+from distprop_fast.formulations.base import BatchShard, Formulation, SparseTable, Terms, batch_mean
 
 
 class Penalised(Formulation):
@@ -65,7 +65,7 @@ class Penalised(Formulation):
         if begin is not None:
             begin()
 
-    def lagrangian(self, x, y, index, rows):
+    def lagrangian(self, x, y, index, rows, shard: BatchShard | None = None):
         rows = dict(rows)
         if not self.with_multipliers:
             # The inner problem still reads multiplier rows; zeros make its term vanish.
@@ -74,16 +74,26 @@ class Penalised(Formulation):
                     rows[t.name] = torch.zeros(
                         index.shape[0], t.table.shape[1], device=x.device, dtype=torch.float32
                     )
-        terms = self.inner.lagrangian(x, y, index, rows)
+        if shard is None:
+            # Formulations written before data-parallel training take no shard.
+            terms = self.inner.lagrangian(x, y, index, rows)
+        else:
+            terms = self.inner.lagrangian(x, y, index, rows, shard=shard)
         penalty = terms.loss.new_zeros(())
-        for g in terms.defects.values():
-            penalty = penalty + g.float().pow(2).sum(dim=1).mean()
+        for cut, g in terms.defects.items():
+            per_row = g.float().pow(2).sum(dim=1)
+            # Synthetic rows are the same on every rank and appear on one rank only.
+            if cut in terms.synthetic:
+                penalty = penalty + per_row.mean()
+            else:
+                penalty = penalty + batch_mean(per_row, shard)
         penalty = 0.5 * self.coefficient * penalty
         base = terms.lagrangian if self.with_multipliers else terms.loss
         extras = dict(terms.extras)
         extras["penalty"] = penalty.item()
         return Terms(
-            loss=terms.loss, lagrangian=base + penalty, defects=terms.defects, extras=extras
+            loss=terms.loss, lagrangian=base + penalty, defects=terms.defects, extras=extras,
+            synthetic=terms.synthetic,
         )
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
