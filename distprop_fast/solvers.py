@@ -269,17 +269,13 @@ class SaddlePointStep:
         multipliers = multipliers or StepRuleConfig(1e-6, "sgd")
         self.configs = {"weights": weights, "states": states, "multipliers": multipliers}
 
-        self.dense_params = (
-            formulation.weight_parameters()
-            + formulation.state_parameters()
-            + formulation.dense_multipliers()
-        )
+        weight_params, state_params, multiplier_params, self.tables = self._select_variables()
+        self.dense_params = weight_params + state_params + multiplier_params
         self.dense_rules = [
-            DenseStepRule(formulation.weight_parameters(), weights, maximize=False),
-            DenseStepRule(formulation.state_parameters(), states, maximize=False),
-            DenseStepRule(formulation.dense_multipliers(), multipliers, maximize=True),
+            DenseStepRule(weight_params, weights, maximize=False),
+            DenseStepRule(state_params, states, maximize=False),
+            DenseStepRule(multiplier_params, multipliers, maximize=True),
         ]
-        self.tables = formulation.sparse_tables()
         self.sparse_rules = [
             SparseRowStepRule(
                 t, states if t.role == "state" else multipliers, t.role == "multiplier", backend
@@ -295,6 +291,11 @@ class SaddlePointStep:
         if solver == "past-extragradient":
             self._past_dense = [None] * len(self.dense_params)
             self._past_rows = [zeros_table(*t.table.shape) for t in self.tables]
+
+    def _select_variables(self):
+        """Return the weights, dense states, dense multipliers and sparse tables this step changes."""
+        f = self.formulation
+        return f.weight_parameters(), f.state_parameters(), f.dense_multipliers(), f.sparse_tables()
 
     # -- checks ----------------------------------------------------------------
 
@@ -353,15 +354,31 @@ class SaddlePointStep:
             # The rows go to the model's device, which need not be the table's.
             row_values = t.table[index.to(t.table.device)]
             rows[t.name] = row_values.to(x.device, torch.float32).requires_grad_(True)
-        terms = self.formulation.lagrangian(x, y, index, rows)
+        terms = self._lagrangian(x, y, index, rows)
         self._check_finite(terms)
         leaves = list(rows.values())
-        grads = torch.autograd.grad(
-            terms.lagrangian, self.dense_params + leaves, allow_unused=True
-        )
-        dense_grads = list(grads[: len(self.dense_params)])
+        if terms.lagrangian.requires_grad:
+            grads = torch.autograd.grad(
+                terms.lagrangian, self.dense_params + leaves, allow_unused=True
+            )
+        else:
+            # A rank whose part of the Lagrangian touches no variable.
+            grads = (None,) * (len(self.dense_params) + len(leaves))
+        dense_grads = self._combine_dense_grads(list(grads[: len(self.dense_params)]), terms, rows)
         row_grads = [g if g is not None else torch.zeros_like(r) for g, r in zip(grads[len(self.dense_params) :], leaves)]
         return terms, rows, dense_grads, row_grads
+
+    def _lagrangian(self, x, y, index, rows) -> Terms:
+        """Evaluate this step's part of the Lagrangian (all of it in a single process)."""
+        return self.formulation.lagrangian(x, y, index, rows)
+
+    def _combine_dense_grads(self, grads: list, terms: Terms, rows: dict) -> list:
+        """Turn this process's dense gradients into the ones to step with.
+
+        A single process steps with its own gradients; the distributed steps sum
+        them across ranks here.
+        """
+        return grads
 
     def _check_finite(self, terms: Terms) -> None:
         checks = [("loss", None, terms.loss), ("Lagrangian", None, terms.lagrangian)]
@@ -409,6 +426,10 @@ class SaddlePointStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict[str, float]:
         self.check_batch(x, y, index)
+        return self._step(x, y, index)
+
+    def _step(self, x, y, index) -> dict[str, float]:
+        """Take one step on a checked batch whose ``index`` addresses the table rows."""
         begin = getattr(self.formulation, "begin_step", None)
         if begin is not None:
             begin()
