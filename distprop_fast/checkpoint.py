@@ -11,6 +11,9 @@ disk, a copy cut short).
 
 Files are read with ``torch.load(weights_only=True)``: a checkpoint holds only
 tensors, numbers, strings, lists and dicts, and no pickled code runs on load.
+
+A distributed run writes one pair of files per rank, named by the stem
+``checkpoint-rank{r}`` (``checkpoint-rank{r}.pt`` and ``checkpoint-rank{r}.prev.pt``).
 """
 
 from __future__ import annotations
@@ -26,8 +29,14 @@ import torch
 from distprop_fast.solvers import NonFiniteError
 
 FORMAT_VERSION = 1
+CHECKPOINT_STEM = "checkpoint"
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
+
+
+def checkpoint_names(stem: str = CHECKPOINT_STEM) -> tuple[str, str]:
+    """Return the file names ``(newest, previous)`` of the checkpoints named by ``stem``."""
+    return f"{stem}.pt", f"{stem}.prev.pt"
 
 # What torch.load raises on a truncated, overwritten or foreign file.
 _LOAD_ERRORS = (
@@ -58,8 +67,12 @@ def find_non_finite(payload, prefix: str = "") -> str | None:
     return None
 
 
-def save_checkpoint(directory: Path, payload: dict, step: int) -> Path:
+def save_checkpoint(
+    directory: Path, payload: dict, step: int, stem: str = CHECKPOINT_STEM
+) -> Path:
     """Write ``payload`` as the newest checkpoint of ``directory`` and keep the previous one.
+
+    ``stem`` names the pair of files (see :func:`checkpoint_names`).
 
     Raises:
         NonFiniteError: a tensor of the payload holds NaN or Inf. Nothing is
@@ -73,16 +86,17 @@ def save_checkpoint(directory: Path, payload: dict, step: int) -> Path:
             "saved tensor", step, None,
         )
     directory = Path(directory)
-    newest = directory / CHECKPOINT_NAME
-    previous = directory / PREVIOUS_NAME
-    tmp = directory / (CHECKPOINT_NAME + ".tmp")
+    newest_name, previous_name = checkpoint_names(stem)
+    newest = directory / newest_name
+    previous = directory / previous_name
+    tmp = directory / (newest_name + ".tmp")
     with open(tmp, "wb") as handle:
         torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
         handle.flush()
         os.fsync(handle.fileno())
     if newest.exists():
         # A hard link keeps checkpoint.pt in place while the previous copy is made.
-        link = directory / (PREVIOUS_NAME + ".tmp")
+        link = directory / (previous_name + ".tmp")
         link.unlink(missing_ok=True)
         os.link(newest, link)
         os.replace(link, previous)
@@ -97,6 +111,15 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Read and check one checkpoint file.
+
+    Raises:
+        CheckpointError: the file is damaged, not a checkpoint, or of another format.
+    """
+    return _read(Path(path))
 
 
 def _read(path: Path) -> dict:
@@ -119,18 +142,18 @@ def _read(path: Path) -> dict:
     return payload
 
 
-def load_checkpoint(directory: Path) -> tuple[dict, Path] | None:
+def load_checkpoint(directory: Path, stem: str = CHECKPOINT_STEM) -> tuple[dict, Path] | None:
     """Return ``(payload, path)`` of the newest readable checkpoint, or ``None`` if there is none.
 
     A damaged ``checkpoint.pt`` is skipped with a warning in favour of
-    ``checkpoint.prev.pt``.
+    ``checkpoint.prev.pt``. ``stem`` names the pair of files.
 
     Raises:
         CheckpointError: checkpoint files exist but none can be read, or the
             newest readable one has another format version.
     """
     directory = Path(directory)
-    paths = [directory / CHECKPOINT_NAME, directory / PREVIOUS_NAME]
+    paths = [directory / name for name in checkpoint_names(stem)]
     problems = []
     for path in paths:
         if not path.exists():
