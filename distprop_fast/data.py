@@ -486,11 +486,9 @@ class ShardedBatchLoader(BatchLoader):
                 f"{len(data)} examples; build the partition from the training split"
             )
         self.partition = partition
-        self.last_global_size = 0
 
     def next_batch(self):
         index = self.next_indices()
-        self.last_global_size = index.numel()
         index = index[self.partition.owns(index)]
         return self.data.x[index], self.data.y[index], index
 
@@ -562,24 +560,46 @@ class StreamingBatchLoader:
         )
         loader = torch.utils.data.DataLoader(
             self.data,
-            batch_sampler=_OrderBatches(remaining, self.batch_size),
+            batch_sampler=self._batch_sampler(remaining),
             num_workers=self.workers,
             pin_memory=self.pin_memory,
             generator=seed,
+            collate_fn=self._collate,
         )
         self._batches = iter(loader)
 
-    def next_batch(self):
+    def _batch_sampler(self, remaining: torch.Tensor) -> torch.utils.data.Sampler:
+        return _OrderBatches(remaining, self.batch_size)
+
+    # The DataLoader's own collation, unless a subclass can yield empty batches.
+    _collate = None
+
+    def _next_order(self) -> None:
+        """Start a new epoch when the current permutation is used up."""
         if self._position >= self._order.numel():
             self._order = torch.randperm(len(self.data), generator=self.generator)
             self._position = 0
             self.epoch += 1
             self._batches = None
+
+    def next_batch(self):
+        self._next_order()
         if self._batches is None:
             self._start_workers()
+        # The batch's size in the permutation, which a sharded subclass's part is not.
+        size = min(self.batch_size, self._order.numel() - self._position)
         x, y, index = next(self._batches)
-        self._position += index.numel()
+        self._position += size
         return x, y, index
+
+    def next_indices(self) -> torch.Tensor:
+        """Advance by one batch without reading it and return its dataset indices, ``(B,)``."""
+        self._next_order()
+        index = self._order[self._position : self._position + self.batch_size]
+        self._position += index.numel()
+        # The workers, if any, were reading batches this call skipped.
+        self._batches = None
+        return index
 
     def state_dict(self) -> dict:
         """Return the epoch, the epoch's permutation, the position in it and the worker seed."""
@@ -604,6 +624,88 @@ class StreamingBatchLoader:
         self._position = int(state["position"])
         self._seed = int(state.get("seed", self._seed))
         self._batches = None
+
+
+class _OwnedOrderBatches(_OrderBatches):
+    """The owned part of each batch of a permutation; a part may be empty."""
+
+    def __init__(self, order: torch.Tensor, batch_size: int, partition: IndexPartition):
+        super().__init__(order, batch_size)
+        self.partition = partition
+
+    def __iter__(self):
+        for chunk in self.order.split(self.batch_size):
+            yield chunk[self.partition.owns(chunk)].tolist()
+
+
+class _CollateOrEmpty:
+    """The DataLoader's default collation, and empty tensors for an empty batch."""
+
+    def __init__(self, input_shape: tuple[int, ...]):
+        self.input_shape = tuple(input_shape)
+
+    def __call__(self, batch):
+        if not batch:
+            empty = torch.empty(0, dtype=torch.int64)
+            return torch.empty(0, *self.input_shape), empty, empty.clone()
+        return torch.utils.data.default_collate(batch)
+
+
+class ShardedStreamingBatchLoader(StreamingBatchLoader):
+    """This rank's part of the global batches that :class:`StreamingBatchLoader` yields.
+
+    Every rank draws the same permutations and reads only the examples of each
+    batch that it owns under ``partition``, as :class:`ShardedBatchLoader` does
+    for in-memory data. ``data`` must have an ``input_shape``, so that an
+    empty part has the right shape.
+    """
+
+    def __init__(
+        self,
+        data: torch.utils.data.Dataset,
+        batch_size: int,
+        generator: torch.Generator,
+        partition: IndexPartition,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__(data, batch_size, generator, workers, pin_memory)
+        if partition.num_examples != len(data):
+            raise ValueError(
+                f"the partition covers {partition.num_examples} indices but the data set has "
+                f"{len(data)} examples; build the partition from the training split"
+            )
+        self.partition = partition
+        self._collate = _CollateOrEmpty(data.input_shape)
+
+    def _batch_sampler(self, remaining: torch.Tensor) -> torch.utils.data.Sampler:
+        return _OwnedOrderBatches(remaining, self.batch_size, self.partition)
+
+
+class IndexOnlyLoader:
+    """The batch indices of a :class:`BatchLoader` or :class:`StreamingBatchLoader`, no examples.
+
+    A block-parallel rank that does not train the first block needs the batch
+    order only, to draw the same random numbers as the rank that reads the
+    data. Its batches are ``(empty, empty, index)``.
+    """
+
+    def __init__(self, loader: BatchLoader | StreamingBatchLoader):
+        self.loader = loader
+
+    @property
+    def epoch(self) -> int:
+        return self.loader.epoch
+
+    def next_batch(self):
+        empty = torch.empty(0)
+        return empty, empty.long(), self.loader.next_indices()
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 def make_batch_loader(

@@ -313,8 +313,14 @@ class SaddlePointStep:
                 "classes; pass the same M to both"
             )
 
-    def check_batch(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
-        """Raise a ValueError naming the value and the fix for an invalid batch."""
+    def check_batch(
+        self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, allow_empty: bool = False
+    ) -> None:
+        """Raise a ValueError naming the value and the fix for an invalid batch.
+
+        ``allow_empty`` accepts a batch of 0 rows, which a rank's part of a
+        small global batch can be.
+        """
         device = self._param_device
         for name, t in (("x", x), ("y", y), ("index", index)):
             if not isinstance(t, torch.Tensor):
@@ -334,7 +340,7 @@ class SaddlePointStep:
                     f"{name} must have shape ({x.shape[0]},) to match x of shape "
                     f"{tuple(x.shape)}, got {tuple(t.shape)}"
                 )
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 and not allow_empty:
             raise ValueError("the batch is empty (x has 0 rows); pass at least one example")
         expected = self.formulation.network.input_shape
         if tuple(x.shape[1:]) != expected:
@@ -393,8 +399,9 @@ class SaddlePointStep:
                     quantity, step, cut,
                 )
 
-    def _check_multipliers(self, stats: dict[str, float]) -> None:
-        step = self.step_count + 1
+    def _check_multipliers(self, stats: dict[str, float], step: int | None = None) -> None:
+        if step is None:
+            step = self.step_count + 1
         for key, norm in stats.items():
             if not key.startswith("multiplier_norm/"):
                 continue

@@ -15,21 +15,33 @@ import torch
 import torch.nn.functional as F
 
 from distprop_fast import ops
-from distprop_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from distprop_fast.checkpoint import CheckpointError
 from distprop_fast.data import (
     DEFAULT_CROP_SIZE,
     IMAGE_FOLDERS,
     IndexedDataset,
+    IndexPartition,
     iterate_in_order,
     load_dataset,
-    make_batch_loader,
+    shard_of,
 )
+from distprop_fast.distributed import (
+    DIST_BACKENDS,
+    EXCHANGES,
+    MODES,
+    BlockLayout,
+    BlockParallelStep,
+    DataParallelStep,
+    DistributedContext,
+    launched_world_size,
+)
+from distprop_fast.distributed import training as distributed_run
 from distprop_fast.formulations import Backprop, DistProp, ExtraProp, Formulation
 from distprop_fast.formulations.distprop import CONSTRAINTS
 from distprop_fast.formulations.penalty import Penalised
 from distprop_fast.baselines import BASELINE_NETWORKS, BASELINES, DEFAULT_LR
 from distprop_fast.models import NETWORKS, build_network
-from distprop_fast.solvers import SaddlePointStep, StepRuleConfig
+from distprop_fast.solvers import DivergenceError, SaddlePointStep, StepRuleConfig
 
 METHODS = ("sgd", "extraprop", "gda", "distprop", "penalty", "auglag", "dfa", "dtp", "oam")
 
@@ -150,7 +162,13 @@ def _allowed_types(annotation: str) -> tuple[type, ...]:
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. ``None`` fields take the method's default."""
+    """Everything a run needs. ``None`` fields take the method's default.
+
+    ``distributed`` is ``"none"``, ``"data"`` or ``"block"``; ``None`` resolves
+    to ``"data"`` when the run was launched with more than one process
+    (``WORLD_SIZE`` > 1, as torchrun sets it), else to ``"none"``.
+    ``exchange`` and ``blocks_per_rank`` apply to ``"block"`` only.
+    """
 
     method: str = "distprop"
     dataset: str = "digits5k"
@@ -186,6 +204,10 @@ class TrainConfig:
     threads: int | None = None
     checkpoint_every: int | None = None
     max_multiplier_norm: float | None = 1e6
+    distributed: str | None = None
+    exchange: str = "synchronous"
+    blocks_per_rank: str | None = None
+    dist_backend: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "the config") -> "TrainConfig":
@@ -240,6 +262,8 @@ class TrainConfig:
             values["network"] = _DEFAULT_NETWORKS.get(self.dataset, "mnist-two-block")
         if values["checkpoint_every"] is None:
             values["checkpoint_every"] = DEFAULT_CHECKPOINT_EVERY if self.output_dir else 0
+        if values["distributed"] is None:
+            values["distributed"] = "data" if launched_world_size() > 1 else "none"
         resolved = TrainConfig(**values)
         resolved.validate()
         return resolved
@@ -309,13 +333,52 @@ class TrainConfig:
             raise ValueError(
                 f"workers must be >= 0 (0 reads in the main process), got {self.workers}"
             )
+        self._validate_distributed()
+
+    def _validate_distributed(self) -> None:
+        if self.distributed not in MODES:
+            raise ValueError(f"distributed must be one of {MODES}, got {self.distributed!r}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.exchange!r}")
+        if self.dist_backend is not None and self.dist_backend not in DIST_BACKENDS:
+            raise ValueError(
+                f"dist backend must be one of {DIST_BACKENDS}, got {self.dist_backend!r}"
+            )
+        if self.distributed != "block":
+            if self.exchange != "synchronous":
+                raise ValueError("--exchange applies to --distributed block only")
+            if self.blocks_per_rank is not None:
+                raise ValueError("--blocks-per-rank applies to --distributed block only")
+        elif self.method != "distprop":
+            raise ValueError(
+                f"--distributed block runs the distprop method only, got {self.method!r}; "
+                "use --distributed data for the other methods"
+            )
+        if self.distributed != "none" and self.method in LAYER_LOCAL:
+            raise ValueError(
+                f"{self.method} trains in one process only; drop --distributed, or launch it "
+                "without torchrun"
+            )
+        processes = launched_world_size()
+        if self.distributed == "none" and processes > 1:
+            raise ValueError(
+                f"the run was launched with {processes} processes, but --distributed none "
+                f"would train {processes} independent copies into the same files; pass "
+                "--distributed data or block"
+            )
 
 
-def build(config: TrainConfig, train_data):
-    """Build the network, the formulation and the step object for a resolved config."""
+def build(config: TrainConfig, train_data, context: DistributedContext | None = None):
+    """Build the network, the formulation and the step object for a resolved config.
+
+    With a data-parallel ``context`` the formulation keeps only this rank's
+    shard of the sparse tables, and the step is a :class:`DataParallelStep`.
+    With a block-parallel one the step is a :class:`BlockParallelStep`.
+    """
+    context = context or DistributedContext(device=torch.device(config.device))
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    device = torch.device(config.device)
+    device = context.device
     if config.method in LAYER_LOCAL:
         method = BASELINES[config.method](
             config.network,
@@ -335,13 +398,17 @@ def build(config: TrainConfig, train_data):
         cut_activation=config.method not in DISTRIBUTIONAL,
     )
     multiplier_dtype = getattr(torch, config.multiplier_dtype)
+    partition = None
+    if context.mode == "data":
+        partition = IndexPartition(len(train_data), context.world_size, context.rank)
 
     formulation: Formulation
     if config.method == "sgd":
         formulation = Backprop(network)
     elif config.method in ("extraprop", "gda"):
         formulation = ExtraProp(
-            network, len(train_data), config.margin, config.shrink, multiplier_dtype
+            network, len(train_data), config.margin, config.shrink, multiplier_dtype,
+            partition=partition,
         )
         formulation.initialise_states(train_data, workers=config.workers)
     else:
@@ -357,6 +424,7 @@ def build(config: TrainConfig, train_data):
             backend=config.backend,
             generator=generator,
             constraint=config.constraint,
+            partition=partition,
         )
         if config.method in ("penalty", "auglag"):
             formulation = Penalised(
@@ -366,25 +434,40 @@ def build(config: TrainConfig, train_data):
     # Fail before any output file is written when the backend cannot run here.
     for op_name in ("sample_classes_fwd", "zscore_constraint_fwd", "sparse_extra_adagrad"):
         ops.resolve_backend(config.backend, device, op_name)
-    step = SaddlePointStep(
-        formulation,
-        solver=config.solver,
-        weights=StepRuleConfig(config.lr_weights, config.weight_rule),
-        states=StepRuleConfig(config.lr_states, config.state_rule),
-        multipliers=StepRuleConfig(config.lr_multipliers, config.multiplier_rule),
-        num_examples=len(train_data),
-        num_classes=train_data.num_classes,
-        backend=config.backend,
-        max_multiplier_norm=config.max_multiplier_norm,
-    )
+    options = {
+        "solver": config.solver,
+        "weights": StepRuleConfig(config.lr_weights, config.weight_rule),
+        "states": StepRuleConfig(config.lr_states, config.state_rule),
+        "multipliers": StepRuleConfig(config.lr_multipliers, config.multiplier_rule),
+        "num_examples": len(train_data),
+        "num_classes": train_data.num_classes,
+        "backend": config.backend,
+        "max_multiplier_norm": config.max_multiplier_norm,
+    }
+    if context.mode == "data":
+        step = DataParallelStep(formulation, context, partition, **options)
+    elif context.mode == "block":
+        layout = BlockLayout.parse(config.blocks_per_rank, len(network.blocks), context.world_size)
+        step = BlockParallelStep(formulation, context, layout, config.exchange, **options)
+    else:
+        step = SaddlePointStep(formulation, **options)
     return formulation, step, generator
 
 
 @torch.no_grad()
 def evaluate_metrics(
-    formulation: Formulation, data, device, batch_size: int = 1000, workers: int = 0
+    formulation: Formulation,
+    data,
+    device,
+    batch_size: int = 1000,
+    workers: int = 0,
+    context: DistributedContext | None = None,
 ) -> dict[str, float]:
     """Evaluate the plain composed network on a split.
+
+    With a distributed ``context`` every rank evaluates a contiguous slice of
+    the split and the sums are combined, so all ranks must call it together
+    and all get the same result.
 
     Returns:
         ``accuracy`` (top-1), ``top5_accuracy`` (the label among the 5 largest
@@ -393,7 +476,8 @@ def evaluate_metrics(
     device = torch.device(device)
     formulation.eval()
     top1, top5, loss_sum = 0, 0, 0.0
-    batches = iterate_in_order(data, batch_size, workers, pin_memory=device.type == "cuda")
+    part = distributed_run.rank_slice(data, context)
+    batches = iterate_in_order(part, batch_size, workers, pin_memory=device.type == "cuda")
     for x, y, _ in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = formulation.predict(x)
@@ -403,22 +487,39 @@ def evaluate_metrics(
         top1 += hits[:, 0].sum().item()
         top5 += hits.any(dim=1).sum().item()
     formulation.train()
+    if context is not None and context.distributed:
+        totals = torch.tensor([top1, top5, loss_sum], dtype=torch.float64, device=device)
+        context.all_reduce_(totals)
+        top1, top5, loss_sum = totals.tolist()
     n = len(data)
     return {"accuracy": top1 / n, "top5_accuracy": top5 / n, "loss": loss_sum / n}
 
 
-def evaluate(formulation: Formulation, data, device, batch_size: int = 1000, workers: int = 0):
+def evaluate(
+    formulation: Formulation,
+    data,
+    device,
+    batch_size: int = 1000,
+    workers: int = 0,
+    context: DistributedContext | None = None,
+):
     """Return ``(top-1 accuracy, mean loss)`` of the plain composed network on a split.
 
     :func:`evaluate_metrics` also returns the top-5 accuracy.
     """
-    metrics = evaluate_metrics(formulation, data, device, batch_size, workers)
+    metrics = evaluate_metrics(formulation, data, device, batch_size, workers, context)
     return metrics["accuracy"], metrics["loss"]
 
 
 @torch.no_grad()
 def training_set_defects(
-    formulation: Formulation, data, device, batch_size: int = 1000, workers: int = 0
+    formulation: Formulation,
+    data,
+    device,
+    batch_size: int = 1000,
+    workers: int = 0,
+    context: DistributedContext | None = None,
+    partition: IndexPartition | None = None,
 ) -> dict[str, float]:
     """Return the mean absolute defect of each cut over the whole training set.
 
@@ -427,6 +528,12 @@ def training_set_defects(
     Backprop has no cuts and returns an empty dict. An image folder is read by
     ``workers`` processes with its training augmentation, so each example
     counts with one random crop.
+
+    In a data-parallel run (``context`` and the rank's ``partition``) every
+    rank averages over the examples it owns and the sums are combined. In a
+    block-parallel run rank 0, which has the multiplier table, computes the
+    whole pass after ``BlockParallelStep.share_state()``. Every rank must call
+    it and gets the same result.
     """
     if not isinstance(formulation, Formulation):
         return {}
@@ -434,6 +541,24 @@ def training_set_defects(
     begin = getattr(formulation, "begin_step", None)
     if not tables and begin is None and not formulation.state_parameters():
         return {}
+    mode = "none" if context is None else context.mode
+    if mode == "block":
+        found = None
+        if context.rank == 0:
+            found = _defect_sums(formulation, data, device, batch_size, workers)
+        sums, counts = context.gather_objects(found)[0]
+    elif mode == "data":
+        owned = shard_of(data, partition)
+        sums, counts = _defect_sums(formulation, owned, device, batch_size, workers)
+        sums, counts = _sum_across_ranks(sums, counts, formulation.network.num_cuts, context)
+    else:
+        sums, counts = _defect_sums(formulation, data, device, batch_size, workers)
+    return {cut: sums[cut] / counts[cut] for cut in sums}
+
+
+def _defect_sums(formulation, data, device, batch_size, workers):
+    """Return per cut the sum of ``|g|`` and the number of entries, over ``data``."""
+    tables = formulation.sparse_tables()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     device = torch.device(device)
@@ -445,7 +570,20 @@ def training_set_defects(
         for cut, g in terms.defects.items():
             sums[cut] = sums.get(cut, 0.0) + g.abs().sum().item()
             counts[cut] = counts.get(cut, 0) + g.numel()
-    return {cut: sums[cut] / counts[cut] for cut in sums}
+    return sums, counts
+
+
+def _sum_across_ranks(sums: dict, counts: dict, num_cuts: int, context: DistributedContext):
+    cuts = [f"cut{k + 1}" for k in range(num_cuts)]
+    values = [sums.get(c, 0.0) for c in cuts] + [float(counts.get(c, 0)) for c in cuts]
+    totals = torch.tensor(values, dtype=torch.float64, device=context.device)
+    context.all_reduce_(totals)
+    totals = totals.tolist()
+    kept = [k for k, c in enumerate(cuts) if totals[num_cuts + k] > 0]
+    return (
+        {cuts[k]: totals[k] for k in kept},
+        {cuts[k]: totals[num_cuts + k] for k in kept},
+    )
 
 
 def peak_memory_mib() -> float:
@@ -514,6 +652,14 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> d
     in ``config.output_dir`` and ends as the uninterrupted run would, bitwise
     on CPU. With no checkpoint there, it starts from step 0.
 
+    A distributed run (``config.distributed`` ``"data"`` or ``"block"``) is
+    started on every process, by torchrun or inside an initialised process
+    group. Rank 0 writes ``config.json``, ``metrics.jsonl`` and
+    ``summary.json``. Every rank writes its own checkpoint files,
+    ``checkpoint-rank{r}.pt``, holding its shard of the multiplier rows (see
+    :mod:`distprop_fast.distributed.checkpoints`). Every rank returns rank 0's
+    summary.
+
     Raises:
         DivergenceError: a guard stopped the run (non-finite values, or a
             multiplier norm past ``max_multiplier_norm``); no checkpoint is
@@ -523,13 +669,22 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> d
     config = config.resolved()
     if resume and not config.output_dir:
         raise ValueError("resuming needs the run's --output-dir, where its checkpoint is")
+    context = DistributedContext.start(config.distributed, config.device, config.dist_backend)
+    try:
+        distributed_run.check_same_config(config, context)
+        return _train(config, context, progress, resume)
+    finally:
+        context.close()
+
+
+def _train(config: TrainConfig, context: DistributedContext, progress: bool, resume: bool):
     if config.threads:
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
     out_dir = Path(config.output_dir) if config.output_dir else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output directory {out_dir} is an existing file; pick another path")
-    checkpoint = load_checkpoint(out_dir) if resume else None
+    checkpoint = distributed_run.load_run_checkpoint(out_dir, context) if resume else None
 
     train_data = load_dataset(
         config.dataset, True, config.data_dir, config.download, config.crop_size
@@ -540,11 +695,14 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> d
     if config.epochs is not None:
         # One epoch is ceil(|D| / B) steps; the last batch of an epoch may be shorter.
         config.steps = max(1, round(config.epochs * math.ceil(len(train_data) / config.batch_size)))
-    formulation, step, generator = build(config, train_data)
-    device = torch.device(config.device)
-    loader = make_batch_loader(
-        train_data, config.batch_size, generator, config.workers, device.type == "cuda"
-    )
+    if context.distributed:
+        formulation, step, generator = build(config, train_data, context)
+    else:
+        # The two-argument call of a single process, which tests wrap.
+        formulation, step, generator = build(config, train_data)
+    device = context.device
+    loader = distributed_run.make_run_loader(train_data, config, generator, step, context)
+    collective = context if context.distributed else None
     # In-memory splits are evaluated 1,000 examples at a time. Image batches of that
     # size would cost 600 MB each at 224x224, times the batches the workers prefetch.
     eval_batch = 1000 if isinstance(test_data, IndexedDataset) else config.batch_size
@@ -572,6 +730,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> d
     metrics_file = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None and context.is_main:
         # A summary left by an earlier run in this directory would pass for this run's.
         (out_dir / "summary.json").unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
@@ -593,10 +752,10 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> d
             "last_record": last,
             "test": (test_acc, test_loss, test_top5),
         }
-        save_checkpoint(out_dir, payload, done)
+        distributed_run.save_run_checkpoint(out_dir, payload, done, context)
 
     bar = None
-    if progress:
+    if progress and context.is_main:
         from tqdm.auto import tqdm
 
         # disable=None hides the bar when stderr is not a terminal (logs, CI).
@@ -616,10 +775,15 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> d
             )
             steps_done = i
             out_of_time = time.perf_counter() >= deadline
+            if config.max_minutes and context.distributed:
+                # The ranks' clocks differ; all stop at the step the first one runs out.
+                out_of_time = context.any(out_of_time)
             record = {"step": i, "epoch": loader.epoch, **stats}
             if i % config.eval_every == 0 or i == config.steps or out_of_time:
+                if isinstance(step, BlockParallelStep):
+                    step.share_weights()
                 metrics = evaluate_metrics(
-                    formulation, test_data, device, eval_batch, config.workers
+                    formulation, test_data, device, eval_batch, config.workers, collective
                 )
                 test_acc, test_top5 = metrics["accuracy"], metrics["top5_accuracy"]
                 test_loss = metrics["loss"]
@@ -639,15 +803,23 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> d
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{test_acc:.4f}")
             if out_of_time:
                 break
+    except DivergenceError:
+        # Every rank raises at the same step, so the exchanges still in flight complete.
+        _finish(step)
+        raise
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
+    _finish(step)
 
     batch_defects = [v for k, v in last.items() if k.startswith("defect/")]
+    if isinstance(step, BlockParallelStep):
+        step.share_state()
     full_defects = training_set_defects(
-        formulation, train_data, device, eval_batch, config.workers
+        formulation, train_data, device, eval_batch, config.workers, collective,
+        getattr(step, "partition", None),
     )
     summary = {
         "method": config.method,
@@ -669,15 +841,30 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> d
         "last_batch_mean_abs_defect": (
             sum(batch_defects) / len(batch_defects) if batch_defects else 0.0
         ),
-        **formulation.variable_counts(),
+        **distributed_run.variable_counts(formulation, context),
         "wall_time_s": round(elapsed_before + time.perf_counter() - start, 1),
         "resumed_from_step": first_step - 1 if checkpoint is not None else None,
         "peak_memory_mib": round(peak_memory_mib(), 1),
         "torch_threads": torch.get_num_threads(),
     }
-    if out_dir is not None:
+    if context.distributed:
+        summary["distributed"] = config.distributed
+        summary["world_size"] = context.world_size
+        summary["peak_memory_mib_per_rank"] = context.gather_objects(summary["peak_memory_mib"])
+        if config.distributed == "block":
+            summary["exchange"] = config.exchange
+            summary["blocks_per_rank"] = step.layout.counts
+        # Rank 0's times and memory stand for the run, as in summary.json.
+        summary = context.gather_objects(summary)[0]
+    if out_dir is not None and context.is_main:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _finish(step) -> None:
+    finish = getattr(step, "finish", None)
+    if finish is not None:
+        finish()
 
 
 def _package_version() -> str:

@@ -284,6 +284,15 @@ class BlockParallelStep(SaddlePointStep):
     def schedule(self) -> str:
         return self.exchange.schedule
 
+    def check_batch(self, x, y, index, allow_empty: bool = False) -> None:
+        """Check the batch on rank 0; the other ranks read neither ``x`` nor ``y`` nor ``index``.
+
+        Ranks that do not train block 0 may get empty ``x`` and ``y`` (see
+        :class:`~distprop_fast.data.IndexOnlyLoader`).
+        """
+        if self.own_blocks[0] == 0:
+            super().check_batch(x, y, index, allow_empty)
+
     # -- evaluation ------------------------------------------------------------
 
     def _lagrangian(self, x, y, index, rows) -> Terms:
@@ -383,21 +392,38 @@ class BlockParallelStep(SaddlePointStep):
     # -- evaluation of the whole network -----------------------------------------
 
     @torch.no_grad()
+    def _broadcast_group(self, params: list[torch.Tensor], src: int) -> None:
+        if not params:
+            return
+        flat = torch.cat([p.reshape(-1) for p in params])
+        self.context.broadcast_(flat, src=src)
+        start = 0
+        for p in params:
+            p.copy_(flat[start : start + p.numel()].view_as(p))
+            start += p.numel()
+
     def share_weights(self) -> None:
         """Copy every block's current weights from the rank that trains it to all ranks.
 
         Evaluation of the composed network needs all blocks; training does not.
         """
         for b, block in enumerate(self.formulation.network.blocks):
-            params = list(block.parameters())
-            if not params:
-                continue
-            flat = torch.cat([p.reshape(-1) for p in params])
-            self.context.broadcast_(flat, src=self.layout.owner(b))
-            start = 0
-            for p in params:
-                p.copy_(flat[start : start + p.numel()].view_as(p))
-                start += p.numel()
+            self._broadcast_group(list(block.parameters()), self.layout.owner(b))
+
+    def share_state(self) -> None:
+        """Copy every block's weights, and every cut's Gaussians and dense multipliers, to all ranks.
+
+        A cut's Gaussians and multipliers come from the rank whose block the cut
+        ends. Afterwards every rank's formulation is the sequential run's, except
+        for the multiplier table, which only rank 0 has.
+        """
+        self.share_weights()
+        f = self.formulation
+        for c in range(f.network.num_cuts):
+            owned = [f.w_mu[c], f.w_sigma[c]]
+            if c >= 1:
+                owned.append(f.later_multipliers[c - 1])
+            self._broadcast_group(owned, self.layout.owner(c))
 
     # -- checkpoints -----------------------------------------------------------
 
