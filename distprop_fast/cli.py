@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from distprop_fast.data import DATA_ENV_VAR, DATASETS, DEFAULT_CROP_SIZE, DatasetNotFoundError
+from distprop_fast.distributed import DIST_BACKENDS, EXCHANGES, MODES
 from distprop_fast.formulations.distprop import CONSTRAINTS, GAUSSIAN_INITS, NOISE_MODES
 from distprop_fast.formulations.extraprop import SHRINKS
 from distprop_fast.baselines import BASELINE_NETWORKS
@@ -100,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-multiplier-norm", type=float, default=1e6,
                    help="stop the run when a multiplier norm over a batch exceeds this "
                    "(default: %(default)g)")
+    p.add_argument("--distributed", choices=MODES, default=None,
+                   help="none; data (data-parallel: each process trains on its part of every "
+                   "batch and owns the multiplier rows of its examples); block (block-parallel "
+                   "DistProp: each process trains a group of blocks). Default: data when "
+                   "launched by torchrun with more than one process, else none")
+    p.add_argument("--exchange", choices=EXCHANGES, default="synchronous",
+                   help="block-parallel exchange of the shared cuts' Gaussian gradients: "
+                   "synchronous (equals one process) or stale (one step old, overlaps "
+                   "communication with computation) (default: %(default)s)")
+    p.add_argument("--blocks-per-rank", default=None,
+                   help="block-parallel: comma-separated blocks per process in rank order, "
+                   "e.g. 1,3 (default: as even as possible)")
+    p.add_argument("--dist-backend", choices=DIST_BACKENDS, default=None,
+                   help="torch.distributed backend (default: nccl with --device cuda, else gloo)")
     p.add_argument("--config", default=None,
                    help="JSON file of training options (keys as in config.json); "
                    "options given on the command line override it")
@@ -153,5 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; continue it with --resume --output-dir {where}" if where else ""
         print(f"distprop-train: interrupted{hint}", file=sys.stderr)
         return 130
-    print(json.dumps(summary))
+    # Every process of a distributed run returns the same summary; rank 0 prints it.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
     return 0

@@ -153,6 +153,13 @@ def _train_expecting_error(rank: int, context, job: dict) -> dict:
     return {"error": None}
 
 
+def _cli(rank: int, context, job: dict) -> dict:
+    """Run ``distprop-train`` with ``job["argv"]`` and return its exit status."""
+    from distprop_fast.cli import main
+
+    return {"status": main(job["argv"])}
+
+
 def _skew_checkpoints(rank: int, context, job: dict) -> dict:
     """Make rank 1's newest checkpoint one save older than rank 0's, as a crash between saves would."""
     directory = Path(job["directory"])
@@ -168,6 +175,7 @@ JOBS = {
     "train": _train,
     "train_expecting_error": _train_expecting_error,
     "skew_checkpoints": _skew_checkpoints,
+    "cli": _cli,
 }
 
 
