@@ -1,54 +1,40 @@
 """Worker processes for tests/test_distributed.py.
 
 Each worker joins a Gloo process group through a file store in the test's
-temporary directory. Gloo is bound to the loopback interface, so nothing
-listens outside this machine, and no TCP store is created. A worker runs its
-scenarios and saves what the test compares into the same directory.
+temporary directory (:mod:`distprop_fast.distributed.local`). Gloo is bound
+to the loopback interface, so nothing listens outside this machine, and no
+TCP store is created. A worker runs its scenarios and saves what the test
+compares into the same directory.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distprop_fast.data import BatchLoader, IndexedDataset, ShardedBatchLoader, load_dataset
 from distprop_fast.distributed import DistributedContext
+from distprop_fast.distributed.local import join_local_group, spawn_local
 from distprop_fast.train import TrainConfig, build
 
-# Training examples the step tests use: a fixed subset of the embedded digits,
-# so that ExtraProp's initial forward pass stays short.
+# Training examples the step tests use: a fixed random subset of the embedded
+# digits, small so that runs and ExtraProp's initial forward pass stay short.
 NUM_EXAMPLES = 300
-
-
-def loopback_interface() -> str:
-    """Return the name of the loopback network interface (``lo`` on Linux)."""
-    for flags in sorted(Path("/sys/class/net").glob("*/flags")):
-        if int(flags.read_text(), 16) & 0x8:  # IFF_LOOPBACK
-            return flags.parent.name
-    return "lo"
 
 
 def spawn(worker, world_size: int, directory: Path, *args) -> None:
     """Run ``worker(rank, world_size, store_path, *args)`` in ``world_size`` processes."""
-    store = Path(directory) / "store"
-    store.unlink(missing_ok=True)
-    mp.spawn(worker, args=(world_size, str(store), *args), nprocs=world_size, join=True)
+    spawn_local(worker, world_size, directory, *args)
 
 
 def join_group(rank: int, world_size: int, store: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
-    )
+    join_local_group(rank, world_size, store, threads=1)
 
 
 def small_digits() -> IndexedDataset:
-    """Return the first :data:`NUM_EXAMPLES` examples of the embedded training digits."""
+    """Return :data:`NUM_EXAMPLES` embedded training digits, the same subset in every process."""
     data = load_dataset("digits5k", train=True)
     # Every class, not the first class only: the file is grouped by class.
     keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:NUM_EXAMPLES]
