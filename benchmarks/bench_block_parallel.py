@@ -12,10 +12,10 @@ The script checks the synchronous run against the sequential one first: it
 reports the largest difference of any network weight after the last step,
 which should be zero or float32 rounding.
 
-Reported per configuration: training steps per second (evaluation excluded),
-the median step time with its interquartile range, the seconds each rank
-spent inside the Gaussian exchange (sending, and waiting for its neighbour),
-and test accuracy and loss at every ``--eval-every`` steps.
+Reported per configuration: training steps per second (evaluation excluded)
+and the median step time with its interquartile range. Also the seconds
+each rank spent inside the Gaussian exchange, sending and waiting for its
+neighbour, and test accuracy and loss every ``--eval-every`` steps.
 
 The processes meet through a file store and Gloo on the loopback interface
 (:mod:`distprop_fast.distributed.local`), not through torchrun.

@@ -86,7 +86,7 @@ def load_results(out: Path, name: str, world_size: int) -> list[dict]:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, what: str) -> None:
-    """Compare with the tolerance of ``kind`` and say how many elements differ, and where."""
+    """Compare with the tolerance of ``kind``; a failure reports how many elements differ and where."""
     rtol, atol = TOLERANCES[kind]
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.double(), expected.double()
@@ -310,7 +310,8 @@ def test_train_data_parallel_files_and_summary(spawned_two, tmp_path):
     assert_stats_close(records, expected, "metrics.jsonl")
 
     shard = torch.load(runs / "data" / "checkpoint-rank1.pt", weights_only=True)
-    assert shard["rank"] == 1 and shard["world_size"] == 2
+    assert shard["rank"] == 1
+    assert shard["world_size"] == 2
     assert shard["trainer"]["tables"]["multipliers/cut1"].shape[0] == 2000
 
 
@@ -371,14 +372,14 @@ def test_cli_runs_block_parallel_stale(spawned_two):
     assert config["distributed"] == "block"
 
 
-def test_resume_with_other_world_size_fails(spawned_three):
+def test_resume_other_world_size_rejected(spawned_three):
     results = load_results(spawned_three, "resume-other-size", 3)
     for rank, result in enumerate(results):
         assert result["error"] == "CheckpointError", f"rank {rank}: {result}"
         assert "2 processes" in result["message"] or "[2]" in result["message"], result["message"]
 
 
-def test_single_process_resume_of_distributed_run_fails(spawned_two):
+def test_single_process_resume_rejected(spawned_two):
     config = TrainConfig(**TRAIN_BASE, output_dir=str(spawned_two / "runs" / "data"))
     with pytest.raises(CheckpointError, match="per-rank checkpoints"):
         train(config, progress=False, resume=True)
@@ -461,7 +462,7 @@ def test_world_size_picks_data_parallel(monkeypatch):
     assert TrainConfig(network="mlp").resolved().distributed == "none"
 
 
-def test_start_without_torchrun_names_the_missing_variables(monkeypatch):
+def test_start_names_missing_torchrun_variables(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT is not set"):

@@ -4,8 +4,8 @@ DistProp's Lagrangian is a sum of per-block terms. Block 0 z-scores its
 outputs on real data against the Gaussians of cut 0. A middle block ``l``
 reads synthetic samples of cut ``l - 1`` and is z-scored against the
 Gaussians of cut ``l``, and the last block's loss reads the samples of the
-last cut. (Blocks and cuts are numbered from 0 here; the statistics name cut
-``c`` as ``cut{c+1}``.) A block's weights, and the multipliers of its cut,
+last cut. Blocks and cuts are numbered from 0 here, and the statistics name
+cut ``c`` as ``cut{c+1}``. A block's weights, and the multipliers of its cut,
 appear in its own term only. The Gaussians of cut ``c`` appear in the terms
 of blocks ``c`` and ``c + 1``.
 
@@ -44,7 +44,7 @@ from distprop_fast.solvers import _DIVERGENCE_ADVICE, NonFiniteError, SaddlePoin
 
 
 class BlockLayout:
-    """Which contiguous group of blocks each rank trains.
+    """The contiguous group of blocks that each rank trains.
 
     Args:
         num_blocks: the network's number of blocks ``L``.
@@ -127,7 +127,7 @@ class GaussianExchange:
     """Sums the partial gradients of the Gaussians a rank shares with its neighbours.
 
     Args:
-        peers: per shared cut, the neighbouring rank that also holds it.
+        peers: per shared cut, the neighbouring rank that keeps the other copy.
         schedule: ``"synchronous"`` or ``"stale"``.
     """
 
@@ -194,13 +194,13 @@ class GaussianExchange:
 class BlockParallelStep(SaddlePointStep):
     """One saddle-point step of block-parallel DistProp, taken by all ranks together.
 
-    Every rank builds the whole :class:`DistProp` formulation, so all ranks
-    start from rank 0's initialisation (copied at construction), and each
-    steps only the variables of its blocks. Rank 0 (block 0) holds the
+    Every rank builds the whole :class:`DistProp` formulation and copies rank
+    0's initial values at construction, so all ranks start from the same
+    point. Each rank steps only the variables of its blocks. Rank 0 (block 0) keeps the
     ``(|D|, d_1)`` multiplier table, and the other ranks replace it by an
     empty ``(0, d_1)`` table. Every rank must call the step with the same
     batch at every step, because the loader and the redrawn noise share one
-    random generator; only rank 0 reads the batch's images.
+    random generator. Only rank 0 reads the batch's images.
 
     Args:
         formulation: a :class:`DistProp` (the penalty and augmented Lagrangian
@@ -438,8 +438,9 @@ class BlockParallelStep(SaddlePointStep):
         own = {"counts": self.layout.counts, "rank": self.context.rank}
         if state.get("block_layout") != own:
             raise ValueError(
-                f"the checkpoint holds the block layout {state.get('block_layout')}, this rank "
-                f"has {own}; resume with the same --blocks-per-rank and number of processes"
+                f"the checkpoint contains the block layout {state.get('block_layout')}, but "
+                f"this rank has {own}; resume with the same --blocks-per-rank and number of "
+                "processes"
             )
         super().load_state_dict(state)
         self.exchange.load_state_dict(state["exchange"])

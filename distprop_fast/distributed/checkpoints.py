@@ -2,15 +2,15 @@
 
 Every rank writes its own pair of files, ``checkpoint-rank{r}.pt`` and
 ``checkpoint-rank{r}.prev.pt``, into the output directory. A data-parallel
-rank's file holds its shard of the multiplier table (and, for ExtraProp, of
+rank's file contains its shard of the multiplier table (and, for ExtraProp, of
 the state tables) with their accumulators, beside the replicated weights,
-Gaussians, loader and random states. A block-parallel rank's file holds the
+Gaussians, loader and random states. A block-parallel rank's file contains the
 whole formulation as that rank last saw it, its step rules and, on rank 0,
 the multiplier table. No rank ever gathers another rank's rows.
 
 All ranks save at the same steps, but a crash can stop the run after some
 ranks have replaced their newest file and before the others have. On resume
-the ranks agree on the newest step that all of them hold, and a rank whose
+the ranks agree on the newest step that all of them have saved, and a rank whose
 newest file is one save ahead loads its previous file instead.
 """
 
@@ -45,7 +45,7 @@ def _newest(directory: Path, context: DistributedContext) -> tuple[dict | None, 
     info = {"problem": None, "step": None, "world_size": None}
     if (directory / CHECKPOINT_NAME).exists():
         info["problem"] = (
-            f"{directory} holds a single-process checkpoint ({CHECKPOINT_NAME}); resume it "
+            f"{directory} contains a single-process checkpoint ({CHECKPOINT_NAME}); resume it "
             "without torchrun, or start the distributed run in another --output-dir"
         )
         return None, info
@@ -64,13 +64,13 @@ def _newest(directory: Path, context: DistributedContext) -> tuple[dict | None, 
 def load_rank_checkpoint(
     directory: Path, context: DistributedContext
 ) -> tuple[dict, Path] | None:
-    """Return this rank's checkpoint at the newest step that every rank holds, or ``None``.
+    """Return this rank's checkpoint at the newest step that every rank has saved, or ``None``.
 
     Every rank must call it. It returns ``None`` on every rank when no rank has
     a checkpoint, and it raises on every rank alike.
 
     Raises:
-        CheckpointError: a rank's files cannot be read, the directory holds a
+        CheckpointError: a rank's files cannot be read, the directory contains a
             single-process checkpoint, the run was written by another number
             of processes, or the ranks share no saved step.
     """
@@ -101,12 +101,12 @@ def load_rank_checkpoint(
     target = min(steps)
     chosen, problem = found, None
     if info["step"] != target:
-        # This rank saved once more than the slowest rank; its previous file has the target step.
+        # This rank saved once more than the slowest rank, so its previous file has the target step.
         path = directory / checkpoint_names(rank_stem(context.rank))[1]
         try:
             chosen = (read_checkpoint(path), path)
             if int(chosen[0]["step"]) != target:
-                problem = f"{path} holds step {chosen[0]['step']}, not {target}"
+                problem = f"{path} contains step {chosen[0]['step']}, not {target}"
         except (CheckpointError, OSError) as err:
             problem = str(err)
     problems = [p for p in context.gather_objects(problem) if p]

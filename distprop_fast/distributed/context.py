@@ -38,7 +38,7 @@ def launched_world_size() -> int:
 
 @dataclass
 class DistributedContext:
-    """Where this process sits in a run: its rank, the group's size and its device.
+    """The rank, world size and device of this process in a run.
 
     A single-process run has ``mode="none"``, rank 0 and world size 1, and every
     collective below is then a no-op, so the trainer calls them unconditionally.

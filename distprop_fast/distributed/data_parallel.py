@@ -38,7 +38,7 @@ class DataParallelStep(SaddlePointStep):
             ``num_examples`` is the whole training set's ``|D|``.
 
     Call it with this rank's part ``(x, y, index)`` of the global batch, where
-    ``index`` holds dataset indices this rank owns (as
+    ``index`` contains dataset indices this rank owns (as
     :class:`~distprop_fast.data.ShardedBatchLoader` yields them); the part may
     be empty. Every rank must call it at every step. It returns the statistics
     of the global batch, the same on every rank, and a guard that stops the
@@ -197,7 +197,7 @@ class DataParallelStep(SaddlePointStep):
         saved = state.get("partition")
         if saved != own:
             raise ValueError(
-                f"the checkpoint holds the shard {saved}, this rank owns {own}; resume with "
-                "the same number of processes"
+                f"the checkpoint contains the shard {saved}, but this rank owns {own}; "
+                "resume with the same number of processes"
             )
         super().load_state_dict(state)

@@ -16,8 +16,8 @@ import torch
 
 from distprop_fast.formulations.base import Terms
 
-# Entries per cut: sum |g|, number of entries of g, sum lambda^2, whether any
-# rank holds multipliers of that cut.
+# Entries per cut: sum |g|, number of entries of g, sum lambda^2, and 1 on each
+# rank that has multipliers of that cut.
 _PER_CUT = 4
 _HEAD = ("loss", "lagrangian", "failures")
 

@@ -54,9 +54,9 @@ class BatchShard:
 
     The ranks' Lagrangians must add up to the single-process Lagrangian of the
     global batch. So a rank divides its sum of per-row losses by the global
-    batch size, not by its own row count, and only the rank with
-    ``shared=True`` adds the terms that do not depend on the batch (DistProp's
-    synthetic-sample terms), so they count once.
+    batch size, not by its own row count. Only the rank with ``shared=True``
+    adds the terms that do not depend on the batch (DistProp's
+    synthetic-sample terms), so that they count once.
 
     Attributes:
         global_size: the number of rows ``B`` of the global batch.

@@ -52,7 +52,7 @@ class DistProp(Formulation):
         backend: implementation of the fused ops (see :mod:`distprop_fast.ops`).
         generator: random source for the initialisation and the noise.
         partition: in data-parallel training, the indices this rank owns; the
-            first cut's multiplier table then holds only their rows,
+            first cut's multiplier table then has only their rows,
             ``(partition.shard_size, d_1)``. ``None`` keeps all ``|D|`` rows.
     """
 
