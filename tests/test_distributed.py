@@ -130,6 +130,7 @@ def spawned_two(tmp_path_factory):
     ]
     jobs.append({"kind": "block_steps", "name": "block-sync-1-2", "changes": {"blocks_per_rank": "1,2"}})
     data_run = {**TRAIN_BASE, "distributed": "data"}
+    stale_run = {**TRAIN_BASE, "distributed": "block", "exchange": "stale"}
     jobs += [
         {"kind": "train", "name": "train-data", "config": {**data_run, "output_dir": str(runs / "data")}},
         {"kind": "train", "name": "train-cut", "config": {**data_run, "steps": 7, "output_dir": str(runs / "cut")}},
@@ -138,6 +139,9 @@ def spawned_two(tmp_path_factory):
         {"kind": "skew_checkpoints", "name": "skew", "directory": str(runs / "skew")},
         {"kind": "train", "name": "train-skew-resumed", "resume": True, "config": {**data_run, "output_dir": str(runs / "skew")}},
         {"kind": "train", "name": "train-block", "config": {**TRAIN_BASE, "distributed": "block", "output_dir": str(runs / "block")}},
+        {"kind": "train", "name": "train-stale", "config": {**stale_run, "output_dir": str(runs / "stale")}},
+        {"kind": "train", "name": "train-stale-cut", "config": {**stale_run, "steps": 7, "output_dir": str(runs / "stale-cut")}},
+        {"kind": "train", "name": "train-stale-resumed", "resume": True, "config": {**stale_run, "output_dir": str(runs / "stale-cut")}},
         {"kind": "cli", "name": "cli-stale", "argv": [
             "--distributed", "block", "--exchange", "stale", "--blocks-per-rank", "1,2",
             "--network", "mlp", "--steps", "3", "--batch-size", "200", "--threads", "1",
@@ -344,6 +348,24 @@ def test_train_resume_after_uneven_save(spawned_two):
     assert ours["step"] == theirs["step"] == 12
     for key, value in theirs["trainer"]["formulation"].items():
         assert torch.equal(ours["trainer"]["formulation"][key], value), key
+
+
+def test_train_stale_resume_is_exact(spawned_two):
+    # The sums in flight at a checkpoint are saved, so the stale exchange resumes exactly.
+    resumed = load_results(spawned_two, "train-stale-resumed", 2)[0]["summary"]
+    assert resumed["resumed_from_step"] == 7
+    runs = spawned_two / "runs"
+
+    def losses(directory):
+        return [(r["step"], r["loss"], r["lagrangian"]) for r in read_metrics(directory)]
+
+    assert losses(runs / "stale-cut") == losses(runs / "stale")
+    for rank in range(2):
+        name = f"checkpoint-rank{rank}.pt"
+        ours = torch.load(runs / "stale-cut" / name, weights_only=True)["trainer"]
+        theirs = torch.load(runs / "stale" / name, weights_only=True)["trainer"]
+        for key, value in theirs["formulation"].items():
+            assert torch.equal(ours["formulation"][key], value), f"rank {rank}: {key} differs"
 
 
 def test_train_block_parallel_matches_single(spawned_two, tmp_path):
