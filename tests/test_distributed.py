@@ -38,7 +38,15 @@ import torch
 import torch.distributed as dist
 
 from distprop_fast.checkpoint import CheckpointError
-from distprop_fast.data import BatchLoader, IndexPartition, ShardedBatchLoader
+from distprop_fast.data import (
+    BatchLoader,
+    IndexOnlyLoader,
+    IndexPartition,
+    ShardedBatchLoader,
+    ShardedStreamingBatchLoader,
+    StreamingBatchLoader,
+    shard_of,
+)
 from distprop_fast.distributed import BlockLayout, DistributedContext
 from distprop_fast.train import TrainConfig, build, train
 from tests import distributed_workers as workers
@@ -62,6 +70,7 @@ DATA_SCENARIOS = {
     "extraprop": {"method": "extraprop", **SGD_RULES},
     "sgd": {"method": "sgd", "weight_rule": "sgd", "lr_weights": 0.05},
     "auglag": {"method": "auglag", **SGD_RULES},
+    "distprop-per-example": {"constraint": "per-example", **SGD_RULES},
 }
 DATA_SCENARIOS_3 = ("distprop", "extraprop")
 
@@ -71,8 +80,9 @@ BLOCK_SCENARIOS = {
     "block-sync-gda": {"solver": "gda"},
     "block-sync-past-redraw": {"solver": "past-extragradient", "noise": "redraw"},
     "block-stale": {"exchange": "stale"},
+    "block-sync-per-example": {"constraint": "per-example"},
 }
-BLOCK_SCENARIOS_2 = ("block-sync", "block-stale")
+BLOCK_SCENARIOS_2 = ("block-sync", "block-stale", "block-sync-per-example")
 
 TRAIN_BASE = {
     "network": "mlp", "batch_size": 500, "steps": 12, "checkpoint_every": 5, "threads": 1,
@@ -159,7 +169,10 @@ def spawned_three(tmp_path_factory, spawned_two):
     jobs = [
         {"kind": "data_steps", "name": n, "changes": DATA_SCENARIOS[n]} for n in DATA_SCENARIOS_3
     ]
-    jobs += [{"kind": "block_steps", "name": n, "changes": c} for n, c in BLOCK_SCENARIOS.items()]
+    jobs += [
+        {"kind": "block_steps", "name": n, "changes": c}
+        for n, c in BLOCK_SCENARIOS.items() if n != "block-sync-per-example"
+    ]
     copied = out / "two-rank-run"
     shutil.copytree(spawned_two / "runs" / "data", copied)
     jobs.append({
@@ -239,7 +252,7 @@ def test_multiplier_rows_live_on_owner(request, digits, world_size, name):
 
 
 BLOCK_CASES = [(2, n) for n in BLOCK_SCENARIOS_2 if n != "block-stale"] + [(2, "block-sync-1-2")]
-BLOCK_CASES += [(3, n) for n in BLOCK_SCENARIOS if n != "block-stale"]
+BLOCK_CASES += [(3, n) for n in BLOCK_SCENARIOS if n not in ("block-stale", "block-sync-per-example")]
 
 
 def block_changes(name: str) -> dict:
@@ -308,6 +321,9 @@ def test_train_data_parallel_files_and_summary(spawned_two, tmp_path):
     assert summary["state_variables"] == single["state_variables"]
     assert summary["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=2e-3)
     assert summary["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4)
+    # The final pass over the training set, split by shard and summed.
+    for key in ("defect/cut1", "defect/cut2", "final_mean_abs_defect"):
+        assert summary[key] == pytest.approx(single[key], rel=1e-4), key
 
     records = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in read_metrics(runs / "data")]
     expected = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in read_metrics(tmp_path / "single")]
@@ -375,6 +391,9 @@ def test_train_block_parallel_matches_single(spawned_two, tmp_path):
     assert summary["blocks_per_rank"] == [2, 1]
     assert summary["test_accuracy"] == single["test_accuracy"]
     assert summary["test_loss"] == pytest.approx(single["test_loss"], rel=1e-6)
+    # Rank 0 computes the final pass over the training set with every rank's variables.
+    for key in ("defect/cut1", "defect/cut2", "final_mean_abs_defect"):
+        assert summary[key] == pytest.approx(single[key], rel=1e-6), key
     records = read_metrics(spawned_two / "runs" / "block")
     expected = read_metrics(tmp_path / "single")
     for r, e in zip(records, expected):
@@ -442,6 +461,81 @@ def test_sharded_loader_splits_the_global_batch(digits):
             assert bool((index_r % world_size == rank).all())
             assert torch.equal(y_r, digits.y[index_r])
             assert torch.equal(x_r, digits.x[index_r])
+
+
+class FolderStandIn(torch.utils.data.Dataset):
+    """Digits read one example at a time, as an image folder is, so loaders stream them."""
+
+    def __init__(self, data):
+        self.data = data
+        self.num_classes = data.num_classes
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data.x[i], int(self.data.y[i]), i
+
+    @property
+    def input_shape(self):
+        return self.data.input_shape
+
+
+def test_sharded_streaming_loader_splits_batches(digits):
+    folder = FolderStandIn(digits)
+    world_size = 3
+    # Batches of 4 leave some ranks' parts empty.
+    for batch_size in (64, 4):
+        reference = StreamingBatchLoader(folder, batch_size, torch.Generator().manual_seed(5))
+        loaders = [
+            ShardedStreamingBatchLoader(
+                folder, batch_size, torch.Generator().manual_seed(5),
+                IndexPartition(len(folder), world_size, r),
+            )
+            for r in range(world_size)
+        ]
+        empty_parts = 0
+        for _ in range(160):  # more than two epochs at batch 4
+            _, _, index = reference.next_batch()
+            parts = [loader.next_batch() for loader in loaders]
+            got = torch.cat([p[2] for p in parts])
+            assert torch.equal(got.sort().values, index.sort().values)
+            for rank, (x_r, y_r, index_r) in enumerate(parts):
+                assert x_r.shape == (index_r.numel(), *digits.input_shape)
+                assert bool((index_r % world_size == rank).all())
+                assert torch.equal(y_r, digits.y[index_r])
+                empty_parts += index_r.numel() == 0
+            assert all(loader.epoch == reference.epoch for loader in loaders)
+        if batch_size == 4:
+            assert empty_parts > 0, "no rank ever got an empty part"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_index_only_loader_keeps_the_order(digits, streaming):
+    data = FolderStandIn(digits) if streaming else digits
+    kind = StreamingBatchLoader if streaming else BatchLoader
+    reference = kind(data, 64, torch.Generator().manual_seed(3))
+    follower = IndexOnlyLoader(kind(data, 64, torch.Generator().manual_seed(3)))
+    for _ in range(12):
+        _, _, index = reference.next_batch()
+        x, y, followed = follower.next_batch()
+        assert torch.equal(followed, index)
+        assert x.numel() == 0
+        assert y.numel() == 0
+    assert follower.epoch == reference.epoch
+    assert torch.equal(follower.state_dict()["order"], reference.state_dict()["order"])
+
+
+def test_shard_of_indexes_rows_of_the_shard(digits):
+    partition = IndexPartition(len(digits), 3, 1)
+    owned = partition.global_indices()
+    for data in (digits, FolderStandIn(digits)):
+        shard = shard_of(data, partition)
+        assert len(shard) == partition.shard_size
+        x, y, local = shard[5]
+        assert int(local) == 5
+        assert torch.equal(torch.as_tensor(x), digits.x[owned[5]])
+        assert int(y) == int(digits.y[owned[5]])
 
 
 def test_block_layout_parse_and_reject():
