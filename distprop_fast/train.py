@@ -147,7 +147,14 @@ RESUMABLE_FIELDS = frozenset(
 
 # Fields added after checkpoints were first written, with the value that a
 # checkpoint without them implies.
-_IMPLIED_BY_OLDER_CHECKPOINTS = {"constraint": "per-feature", "crop_size": DEFAULT_CROP_SIZE}
+_IMPLIED_BY_OLDER_CHECKPOINTS = {
+    "constraint": "per-feature",
+    "crop_size": DEFAULT_CROP_SIZE,
+    "distributed": "none",
+    "exchange": "synchronous",
+    "blocks_per_rank": None,
+    "dist_backend": None,
+}
 
 _TYPE_NAMES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
 

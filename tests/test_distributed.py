@@ -585,3 +585,21 @@ def test_start_names_missing_torchrun_variables(monkeypatch):
         DistributedContext.start("data", "cpu")
     with pytest.raises(ValueError, match="without an index"):
         DistributedContext.start("data", "cuda:1")
+
+
+def test_resume_checkpoint_without_distributed_keys(tmp_path):
+    # A checkpoint written before the distributed options existed resumes as a
+    # single-process run.
+    out = tmp_path / "run"
+    values = dict(network="mlp", batch_size=500, steps=4, checkpoint_every=2, threads=1,
+                  eval_every=4, output_dir=str(out))
+    train(TrainConfig(**values), progress=False)
+    path = out / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    for key in ("distributed", "exchange", "blocks_per_rank", "dist_backend"):
+        del payload["config"][key]
+    torch.save(payload, path)
+
+    summary = train(TrainConfig(**{**values, "steps": 6}), progress=False, resume=True)
+    assert summary["resumed_from_step"] == 4
+    assert summary["steps"] == 6
