@@ -148,6 +148,9 @@ RESUMABLE_FIELDS = frozenset(
 # Fields added after checkpoints were first written, with the value that a
 # checkpoint without them implies.
 _IMPLIED_BY_OLDER_CHECKPOINTS = {
+    # The penalty coefficient arrived with the penalty and auglag methods; 0 is
+    # what every earlier method resolves it to.
+    "penalty": 0.0,
     "constraint": "per-feature",
     "crop_size": DEFAULT_CROP_SIZE,
     "distributed": "none",
