@@ -38,7 +38,7 @@ def checkpoint_names(stem: str = CHECKPOINT_STEM) -> tuple[str, str]:
     """Return the file names ``(newest, previous)`` of the checkpoints named by ``stem``."""
     return f"{stem}.pt", f"{stem}.prev.pt"
 
-# What torch.load raises on a truncated, overwritten or foreign file.
+# Errors torch.load raises on a truncated, overwritten or foreign file.
 _LOAD_ERRORS = (
     RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError
 )
